@@ -1,0 +1,420 @@
+"""Project the generic tables into WooCommerce REST v3 JSON shapes.
+
+Every projection works on a batch of ids (one query per table, not per record) so list pages stay
+cheap on a large store.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from .domain import (
+    ITEM_INTERNAL_META,
+    ORDER_INTERNAL_META,
+    PRODUCT_INTERNAL_META,
+    USER_INTERNAL_META,
+)
+from .storage import WP_FORMAT, Store
+
+ADDRESS_BILLING = ("first_name", "last_name", "company", "address_1", "address_2", "city", "state", "postcode",
+                   "country", "email", "phone")
+ADDRESS_SHIPPING = ADDRESS_BILLING[:9] + ("phone",)
+
+
+def iso(wp: str | None) -> str | None:
+    """'2024-05-01 10:00:00' -> '2024-05-01T10:00:00' (no offset, as the API returns)."""
+    return wp.replace(" ", "T") if wp else None
+
+
+def pair(store: Store, gmt_wp: str | None) -> tuple[str | None, str | None]:
+    if not gmt_wp:
+        return None, None
+    gmt = datetime.strptime(gmt_wp, WP_FORMAT)
+    return iso(store.local(gmt).strftime(WP_FORMAT)), iso(gmt_wp)
+
+
+def links(base: str, collection: str, record_id: int, **extra: str) -> dict:
+    out = {"self": [{"href": f"{base}/{collection}/{record_id}"}], "collection": [{"href": f"{base}/{collection}"}]}
+    for rel, href in extra.items():
+        out[rel] = [{"href": href}]
+    return out
+
+
+def visible_meta(rows, internal: set[str], item: bool = False) -> list[dict]:
+    out = []
+    for meta_id, key, value in rows:
+        if key in internal:
+            continue
+        entry = {"id": meta_id, "key": key, "value": value}
+        if item:
+            entry["display_key"] = key
+            entry["display_value"] = value if isinstance(value, str) else str(value)
+        out.append(entry)
+    return out
+
+
+def address(block: dict | None, fields: tuple[str, ...]) -> dict:
+    block = block or {}
+    return {f: block.get(f, "") for f in fields}
+
+
+# -- customers ---------------------------------------------------------------------------------
+def customers(store: Store, ids: list[int], base: str) -> list[dict]:
+    if not ids:
+        return []
+    rows = {r["id"]: r for r in store.db.execute(
+        f"SELECT * FROM users WHERE id IN ({','.join('?' * len(ids))})", ids)}
+    metas = store.meta_for("usermeta", "user_id", ids)
+    out = []
+    for uid in ids:
+        u = rows.get(uid)
+        if u is None:
+            continue
+        m = {k: v for _, k, v in metas[uid]}
+        created = pair(store, u["user_registered"])
+        modified = (None, None)
+        if m.get("last_update"):
+            modified = pair(store, datetime.fromtimestamp(int(m["last_update"]), UTC).strftime(WP_FORMAT))
+        out.append({
+            "id": uid, "date_created": created[0], "date_created_gmt": created[1],
+            "date_modified": modified[0], "date_modified_gmt": modified[1],
+            "email": u["user_email"], "first_name": m.get("first_name", ""), "last_name": m.get("last_name", ""),
+            "role": u["role"], "username": u["user_login"],
+            "billing": address(m.get("billing"), ADDRESS_BILLING),
+            "shipping": address(m.get("shipping"), ADDRESS_SHIPPING),
+            "is_paying_customer": bool(m.get("paying_customer")),
+            "avatar_url": f"https://secure.gravatar.com/avatar/{uid:032x}?s=96&d=mm&r=g",
+            "meta_data": visible_meta(metas[uid], USER_INTERNAL_META),
+            "_links": links(base, "customers", uid),
+        })
+    return out
+
+
+# -- products ----------------------------------------------------------------------------------
+def _categories_of(store: Store, ids: list[int]) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {i: [] for i in ids}
+    marks = ",".join("?" * len(ids))
+    for r in store.db.execute(
+        f"SELECT t.object_id, l.id - 1000 AS id, l.name, l.code FROM term_relationships t "
+        f"JOIN lookup l ON l.id = t.term_id + 1000 WHERE t.object_id IN ({marks}) ORDER BY l.name", ids):
+        out[r["object_id"]].append({"id": r["id"], "name": r["name"], "slug": r["code"]})
+    return out
+
+
+def products(store: Store, ids: list[int], base: str) -> list[dict]:
+    if not ids:
+        return []
+    marks = ",".join("?" * len(ids))
+    rows = {r["id"]: r for r in store.db.execute(f"SELECT * FROM posts WHERE id IN ({marks})", ids)}
+    metas = store.meta_for("postmeta", "post_id", ids)
+    cats = _categories_of(store, ids)
+    variations: dict[int, list[int]] = {i: [] for i in ids}
+    for r in store.db.execute(
+        f"SELECT post_parent, id FROM posts WHERE post_type='product_variation' AND post_parent IN ({marks}) ORDER BY menu_order, id",
+        ids,
+    ):
+        variations[r[0]].append(r[1])
+    out = []
+    for pid in ids:
+        p = rows.get(pid)
+        if p is None:
+            continue
+        m = {k: v for _, k, v in metas[pid]}
+        created, modified = pair(store, p["post_date_gmt"]), pair(store, p["post_modified_gmt"])
+        is_variation = p["post_type"] == "product_variation"
+        price = m.get("_price", "")
+        doc = {
+            "id": pid, "name": p["post_title"], "slug": p["post_name"],
+            "permalink": f"{base.split('/wp-json')[0]}/product/{p['post_name']}/",
+            "date_created": created[0], "date_created_gmt": created[1],
+            "date_modified": modified[0], "date_modified_gmt": modified[1],
+            "type": "variation" if is_variation else m.get("_product_type", "simple"),
+            "status": p["post_status"], "featured": False, "catalog_visibility": "visible",
+            "description": m.get("_description", ""), "short_description": m.get("_short_description", ""),
+            "sku": m.get("_sku", ""), "price": price, "regular_price": m.get("_regular_price", ""),
+            "sale_price": m.get("_sale_price", ""), "on_sale": bool(m.get("_sale_price")),
+            "purchasable": price != "", "total_sales": int(m.get("total_sales") or 0),
+            "virtual": bool(m.get("_virtual")), "downloadable": bool(m.get("_downloadable")),
+            "tax_status": m.get("_tax_status", "taxable"), "tax_class": m.get("_tax_class", ""),
+            "manage_stock": bool(m.get("_manage_stock")), "stock_quantity": m.get("_stock"),
+            "stock_status": m.get("_stock_status", "instock"), "weight": m.get("_weight", ""),
+            "dimensions": {"length": "", "width": "", "height": ""},
+            "parent_id": p["post_parent"], "menu_order": p["menu_order"],
+            "meta_data": visible_meta(metas[pid], PRODUCT_INTERNAL_META),
+        }
+        if is_variation:
+            attrs = m.get("_variation_attributes") or {}
+            doc["attributes"] = [{"id": 0, "name": k.replace("attribute_pa_", "").title(), "option": v}
+                                 for k, v in attrs.items()]
+            doc["_links"] = links(base, f"products/{p['post_parent']}/variations", pid,
+                                  up=f"{base}/products/{p['post_parent']}")
+        else:
+            doc["categories"] = cats[pid]
+            doc["tags"] = []
+            doc["images"] = []
+            doc["attributes"] = [{"id": 0, "name": a["name"], "position": n, "visible": True,
+                                  "variation": a["variation"], "options": a["options"]}
+                                 for n, a in enumerate(m.get("_product_attributes") or [])]
+            doc["variations"] = variations[pid]
+            doc["_links"] = links(base, "products", pid)
+        if m.get("_product_type") == "subscription":
+            doc["meta_data"].append({"id": 0, "key": "_subscription_period", "value": m.get("_subscription_period")})
+        out.append(doc)
+    return out
+
+
+def categories(store: Store, ids: list[int], base: str) -> list[dict]:
+    if not ids:
+        return []
+    lookup_ids = [i + 1000 for i in ids]
+    marks = ",".join("?" * len(ids))
+    rows = {r["id"] - 1000: r for r in store.db.execute(f"SELECT * FROM lookup WHERE id IN ({marks})", lookup_ids)}
+    counts = dict(store.db.execute(
+        f"SELECT t.term_id, COUNT(*) FROM term_relationships t JOIN posts p ON p.id=t.object_id "
+        f"AND p.post_status='publish' WHERE t.term_id IN ({marks}) GROUP BY t.term_id", ids).fetchall())
+    out = []
+    for cid in ids:
+        r = rows.get(cid)
+        if r is None:
+            continue
+        parent = (r["parent_id"] - 1000) if r["parent_id"] else 0
+        extra = {"up": f"{base}/products/categories/{parent}"} if parent else {}
+        out.append({
+            "id": cid, "name": r["name"], "slug": r["code"], "parent": parent, "description": r["v_text1"] or "",
+            "display": "default", "image": [] if cid % 2 else None, "menu_order": r["sort"],
+            "count": counts.get(cid, 0), "_links": links(base, "products/categories", cid, **extra),
+        })
+    return out
+
+
+# -- orders, subscriptions, refunds ------------------------------------------------------------
+def _items(store: Store, ids: list[int]) -> dict[int, list]:
+    out: dict[int, list] = {i: [] for i in ids}
+    marks = ",".join("?" * len(ids))
+    rows = store.db.execute(
+        f"SELECT order_item_id, order_id, order_item_type, order_item_name FROM order_items "
+        f"WHERE order_id IN ({marks}) ORDER BY order_item_id", ids).fetchall()
+    metas = store.meta_for("order_itemmeta", "order_item_id", [r[0] for r in rows])
+    for r in rows:
+        out[r[1]].append((r[0], r[2], r[3], metas[r[0]]))
+    return out
+
+
+def _taxes(tax_data: dict | None, key: str = "total") -> list[dict]:
+    tax_data = tax_data or {}
+    totals, subtotals = tax_data.get("total") or {}, tax_data.get("subtotal") or {}
+    return [{"id": int(rid), "total": amount, "subtotal": subtotals.get(rid, "")} if subtotals
+            else {"id": int(rid), "total": amount} for rid, amount in totals.items()]
+
+
+def _skus(store: Store, product_ids: set[int]) -> dict[int, str | None]:
+    if not product_ids:
+        return {}
+    ids = list(product_ids)
+    marks = ",".join("?" * len(ids))
+    out: dict[int, str | None] = {}
+    for r in store.db.execute(
+        f"SELECT p.id, m.meta_value FROM posts p LEFT JOIN postmeta m ON m.post_id=p.id AND m.meta_key='_sku' "
+        f"WHERE p.id IN ({marks})", ids):
+        out[r[0]] = (r[1] or '""').strip('"')
+    return out
+
+
+def line_items(store: Store, items: list, skus: dict[int, str | None], refund: bool = False) -> dict[str, list]:
+    groups: dict[str, list] = {"line_items": [], "tax_lines": [], "shipping_lines": [], "fee_lines": [],
+                               "coupon_lines": []}
+    for item_id, kind, name, meta_rows in items:
+        m = {k: v for _, k, v in meta_rows}
+        meta_data = visible_meta(meta_rows, ITEM_INTERNAL_META, item=True)
+        if kind == "line_item":
+            qty = int(m.get("_qty") or 0)
+            total = float(m.get("_line_total") or 0)
+            pid, vid = int(m.get("_product_id") or 0), int(m.get("_variation_id") or 0)
+            entry = {
+                "id": item_id, "name": name, "product_id": pid, "variation_id": vid, "quantity": qty,
+                "tax_class": m.get("_tax_class", ""), "subtotal": m.get("_line_subtotal", "0.00"),
+                "subtotal_tax": m.get("_line_subtotal_tax", "0.00"), "total": m.get("_line_total", "0.00"),
+                "total_tax": m.get("_line_tax", "0.00"), "taxes": _taxes(m.get("_line_tax_data")),
+                "meta_data": meta_data, "sku": skus.get(vid or pid),
+                "price": (total / qty) if qty else 0, "image": {"id": "", "src": ""}, "parent_name": None,
+            }
+            if refund:
+                entry["refund_total"] = float(m.get("_line_total") or 0)
+            groups["line_items"].append(entry)
+        elif kind == "tax":
+            groups["tax_lines"].append({
+                "id": item_id, "rate_code": name, "rate_id": m.get("rate_id"), "label": m.get("label", ""),
+                "compound": bool(m.get("compound")), "tax_total": m.get("tax_amount", "0.00"),
+                "shipping_tax_total": m.get("shipping_tax_amount", "0.00"), "rate_percent": m.get("rate_percent"),
+                "meta_data": meta_data})
+        elif kind == "shipping":
+            groups["shipping_lines"].append({
+                "id": item_id, "method_title": name, "method_id": m.get("method_id", ""),
+                "instance_id": m.get("instance_id", ""), "total": m.get("cost", "0.00"),
+                "total_tax": m.get("total_tax", "0.00"), "taxes": _taxes(m.get("taxes")), "meta_data": meta_data})
+        elif kind == "fee":
+            groups["fee_lines"].append({
+                "id": item_id, "name": name, "tax_class": m.get("_tax_class", ""),
+                "tax_status": m.get("_tax_status", "taxable"), "amount": m.get("_line_total", "0.00"),
+                "total": m.get("_line_total", "0.00"), "total_tax": m.get("_line_tax", "0.00"),
+                "taxes": _taxes(m.get("_line_tax_data")), "meta_data": meta_data})
+        elif kind == "coupon":
+            groups["coupon_lines"].append({
+                "id": item_id, "code": name, "discount": m.get("discount_amount", "0.00"),
+                "discount_tax": m.get("discount_amount_tax", "0.00"), "discount_type": m.get("discount_type", ""),
+                "nominal_amount": m.get("nominal_amount", 0), "free_shipping": False, "meta_data": meta_data})
+    return groups
+
+
+def orders(store: Store, ids: list[int], base: str, post_type: str = "shop_order") -> list[dict]:
+    if not ids:
+        return []
+    marks = ",".join("?" * len(ids))
+    rows = {r["id"]: r for r in store.db.execute(
+        f"SELECT * FROM posts WHERE id IN ({marks}) AND post_type=?", [*ids, post_type])}
+    live = [i for i in ids if i in rows]
+    metas = store.meta_for("postmeta", "post_id", live)
+    items = _items(store, live)
+    skus = _skus(store, {int(v) for i in live for _, kind, _, mr in items[i] if kind == "line_item"
+                         for _, k, v in mr if k in ("_product_id", "_variation_id") and v})
+    refunds: dict[int, list] = {i: [] for i in live}
+    if post_type == "shop_order" and live:
+        for r in store.db.execute(
+            f"SELECT p.post_parent, p.id, (SELECT meta_value FROM postmeta WHERE post_id=p.id AND meta_key='_refund_reason') reason, "
+            f"(SELECT meta_value FROM postmeta WHERE post_id=p.id AND meta_key='_refund_amount') amount "
+            f"FROM posts p WHERE p.post_type='shop_order_refund' AND p.post_parent IN ({','.join('?' * len(live))}) ORDER BY p.id DESC",
+            live,
+        ):
+            refunds[r[0]].append({"id": r[1], "reason": (r[2] or '""').strip('"'),
+                                  "total": "-" + (r[3] or '"0.00"').strip('"')})
+    collection = "subscriptions" if post_type == "shop_subscription" else "orders"
+    out = []
+    for oid in live:
+        p, m = rows[oid], {k: v for _, k, v in metas[oid]}
+        created, modified = pair(store, p["post_date_gmt"]), pair(store, p["post_modified_gmt"])
+        paid, completed = pair(store, m.get("_date_paid")), pair(store, m.get("_date_completed"))
+        extra = {}
+        if p["customer_id"]:
+            extra["customer"] = f"{base}/customers/{p['customer_id']}"
+        if p["post_parent"]:
+            extra["up"] = f"{base}/orders/{p['post_parent']}"
+        doc = {
+            "id": oid, "parent_id": p["post_parent"], "number": str(m.get("_order_number") or oid),
+            "order_key": m.get("_order_key", ""), "created_via": m.get("_created_via", ""),
+            "version": m.get("_order_version", ""), "status": p["post_status"],
+            "currency": m.get("_order_currency", "EUR"),
+            "date_created": created[0], "date_created_gmt": created[1],
+            "date_modified": modified[0], "date_modified_gmt": modified[1],
+            "discount_total": m.get("_cart_discount", "0.00"), "discount_tax": m.get("_cart_discount_tax", "0.00"),
+            "shipping_total": m.get("_order_shipping", "0.00"), "shipping_tax": m.get("_order_shipping_tax", "0.00"),
+            "cart_tax": m.get("_order_tax", "0.00"), "total": m.get("_order_total", "0.00"),
+            "total_tax": m.get("_order_tax", "0.00"), "prices_include_tax": m.get("_prices_include_tax") == "yes",
+            "customer_id": p["customer_id"], "customer_ip_address": m.get("_customer_ip_address", ""),
+            "customer_user_agent": m.get("_customer_user_agent", ""), "customer_note": m.get("_customer_note", ""),
+            "billing": address(m.get("_billing"), ADDRESS_BILLING),
+            "shipping": address(m.get("_shipping"), ADDRESS_SHIPPING),
+            "payment_method": m.get("_payment_method", ""), "payment_method_title": m.get("_payment_method_title", ""),
+            "transaction_id": m.get("_transaction_id", ""),
+            "date_paid": paid[0], "date_paid_gmt": paid[1],
+            "date_completed": completed[0], "date_completed_gmt": completed[1],
+            "cart_hash": m.get("_cart_hash", ""),
+            "meta_data": visible_meta(metas[oid], ORDER_INTERNAL_META),
+            **line_items(store, items[oid], skus),
+            "_links": links(base, collection, oid, **extra),
+        }
+        if post_type == "shop_order":
+            doc["refunds"] = refunds[oid]
+            doc["payment_url"] = f"{base.split('/wp-json')[0]}/checkout/order-pay/{oid}/?pay_for_order=true"
+            doc["is_editable"] = p["post_status"] in ("pending", "on-hold", "auto-draft")
+            doc["needs_payment"] = p["post_status"] in ("pending", "failed")
+            doc["needs_processing"] = True
+        else:
+            for key in ("transaction_id", "cart_hash"):
+                doc.pop(key, None)
+            doc["billing_period"] = m.get("_billing_period", "month")
+            doc["billing_interval"] = str(m.get("_billing_interval", "1"))
+            for key in ("start", "trial_end", "next_payment", "last_payment", "cancelled", "end"):
+                out_key = {"start": "start_date_gmt", "trial_end": "trial_end_date_gmt",
+                           "next_payment": "next_payment_date_gmt", "last_payment": "last_payment_date_gmt",
+                           "cancelled": "cancelled_date_gmt", "end": "end_date_gmt"}[key]
+                doc[out_key] = iso(m.get(f"_schedule_{key}") or "") or ""
+            doc["resubscribed_from"] = ""
+            doc["resubscribed_subscription"] = ""
+            doc["removed_line_items"] = []
+        out.append(doc)
+    return out
+
+
+def refunds(store: Store, ids: list[int], base: str) -> list[dict]:
+    if not ids:
+        return []
+    marks = ",".join("?" * len(ids))
+    rows = {r["id"]: r for r in store.db.execute(
+        f"SELECT * FROM posts WHERE id IN ({marks}) AND post_type='shop_order_refund'", ids)}
+    live = [i for i in ids if i in rows]
+    metas = store.meta_for("postmeta", "post_id", live)
+    items = _items(store, live)
+    out = []
+    for rid in live:
+        p, m = rows[rid], {k: v for _, k, v in metas[rid]}
+        created, modified = pair(store, p["post_date_gmt"]), pair(store, p["post_modified_gmt"])
+        out.append({
+            "id": rid, "parent_id": p["post_parent"], "date_created": created[0], "date_created_gmt": created[1],
+            "date_modified": modified[0], "date_modified_gmt": modified[1],
+            "amount": m.get("_refund_amount", "0.00"), "reason": m.get("_refund_reason", ""),
+            "refunded_by": m.get("_refunded_by", 0), "refunded_payment": bool(m.get("_refunded_payment")),
+            "meta_data": visible_meta(metas[rid], ORDER_INTERNAL_META | {"_order_currency", "_order_total"}),
+            "line_items": line_items(store, items[rid], {}, refund=True)["line_items"],
+            "_links": links(base, f"orders/{p['post_parent']}/refunds", rid, up=f"{base}/orders/{p['post_parent']}"),
+        })
+    return out
+
+
+def notes(store: Store, post_id: int, note_type: str = "any", note_id: int | None = None) -> list[dict]:
+    sql, args = "SELECT * FROM comments WHERE post_id=?", [post_id]
+    if note_type == "customer":
+        sql += " AND customer_note=1"
+    elif note_type == "internal":
+        sql += " AND customer_note=0"
+    if note_id is not None:
+        sql += " AND comment_id=?"
+        args.append(note_id)
+    out = []
+    for r in store.db.execute(sql + " ORDER BY comment_id DESC", args):
+        created = pair(store, r["comment_date_gmt"])
+        out.append({"id": r["comment_id"], "author": r["author"], "date_created": created[0],
+                    "date_created_gmt": created[1], "note": r["content"], "customer_note": bool(r["customer_note"])})
+    return out
+
+
+# -- lookups -----------------------------------------------------------------------------------
+def countries(store: Store, base: str, code: str | None = None) -> list[dict]:
+    out = []
+    for c in store.lookup_rows("COUNTRY"):
+        if code and c["code"] != code.upper():
+            continue
+        states = [{"code": s["code"], "name": s["name"]} for s in store.lookup_rows("STATE", parent_id=c["id"])]
+        out.append({"code": c["code"], "name": c["name"], "states": states,
+                    "_links": {"self": [{"href": f"{base}/data/countries/{c['code'].lower()}"}],
+                               "collection": [{"href": f"{base}/data/countries"}]}})
+    return out
+
+
+def payment_gateways(store: Store, base: str) -> list[dict]:
+    return [{"id": g["code"], "title": g["name"], "description": "", "order": g["sort"], "enabled": bool(g["active"]),
+             "method_title": g["v_text1"], "method_description": "", "method_supports": ["products"],
+             "settings": {}, "_links": links(base, "payment_gateways", 0) | {
+                 "self": [{"href": f"{base}/payment_gateways/{g['code']}"}]}}
+            for g in store.lookup_rows("PAYMENT_METHOD")]
+
+
+def tax_classes(store: Store) -> list[dict]:
+    return [{"slug": t["code"], "name": t["name"]} for t in store.lookup_rows("TAX_CLASS")]
+
+
+def subscription_statuses(store: Store) -> dict[str, str]:
+    return {f"wc-{s['code']}": s["name"] for s in store.lookup_rows("SUBSCRIPTION_STATUS")}
+
+
+def order_statuses(store: Store) -> list[dict]:
+    return [{"slug": s["code"], "name": s["name"], "total": 0} for s in store.lookup_rows("ORDER_STATUS")]
