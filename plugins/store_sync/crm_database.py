@@ -41,8 +41,21 @@ class EmbeddedPostgres:
     def __init__(self, data_dir: Path | str = DEFAULT_DATA, port: int | None = None):
         self.data_dir = Path(data_dir).resolve()
         self.pgdata = self.data_dir / "pgdata"
-        self.port = port or int(os.environ.get("CRM_EMBEDDED_PORT", DEFAULT_PORT))
+        self._port = port or (int(os.environ["CRM_EMBEDDED_PORT"]) if os.environ.get("CRM_EMBEDDED_PORT") else None)
         self._user = None
+
+    @property
+    def port(self) -> int:
+        """The port this data folder's server uses: chosen once (the default if free) and remembered."""
+        if self._port is None:
+            remembered = self.data_dir / "port"
+            if remembered.exists():
+                self._port = int(remembered.read_text())
+            else:
+                self._port = DEFAULT_PORT if not _port_busy(DEFAULT_PORT) else _free_port()
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                remembered.write_text(str(self._port))
+        return self._port
 
     # -- binaries and the OS user -----------------------------------------------------------
     @property
@@ -146,6 +159,12 @@ def crm_password() -> str:
 
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _port_busy(port: int) -> bool:
