@@ -103,7 +103,7 @@ class EmbeddedPostgres:
             if _port_busy(self.port):
                 raise RuntimeError(f"port {self.port} on 127.0.0.1 is taken by another program; set CRM_EMBEDDED_PORT "
                                    f"to a free port or CRM_DATABASE_URL to use an existing server")
-            opts = f"-h 127.0.0.1 -p {self.port} -k {self.pgdata} -c fsync=off -c full_page_writes=off " \
+            opts = f"-h 127.0.0.1 -p {self.port} -k {self.pgdata} " \
                    f"-c synchronous_commit=off -c max_connections=200 -c shared_buffers=256MB"
             log_file = self.pgdata / "server.log"
             done = self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.pgdata), "-o", opts, "-l", str(log_file),
