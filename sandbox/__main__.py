@@ -61,7 +61,7 @@ def export(args: argparse.Namespace) -> None:
     from . import project
 
     store = Store(args.db)
-    base = "http://sandbox.local/wp-json/wc/v3"
+    base = args.base_url.rstrip("/") + "/wp-json/wc/v3"
     post_types = {"orders": "shop_order", "subscriptions": "shop_subscription", "refunds": "shop_order_refund",
                   "products": "product", "variations": "product_variation"}
     if args.entity == "customers":
@@ -83,7 +83,6 @@ def export(args: argparse.Namespace) -> None:
     out = sys.stdout
     for i in range(0, len(ids), 500):
         for doc in render(ids[i:i + 500]):
-            doc.pop("_links", None)
             out.write(json.dumps(doc, ensure_ascii=False) + "\n")
 
 
@@ -118,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     g.set_defaults(func=lambda a: main_generate(a.db or str(default_db(a.size, a.seed)), a.size, a.seed, a.timezone))
     e = sub.add_parser("export", help="print the ground truth as JSON lines")
     e.add_argument("--db", required=True)
+    e.add_argument("--base-url", default="http://sandbox.local", help="the URL the store is served at (for links)")
     e.add_argument("--entity", required=True,
                    choices=["customers", "products", "variations", "categories", "orders", "refunds", "subscriptions"])
     e.set_defaults(func=export)

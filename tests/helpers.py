@@ -26,9 +26,9 @@ class SandboxProcess:
     """``python -m sandbox serve`` on a free loopback port, as a user would start it."""
 
     def __init__(self, tmp: Path, *, size: str = "tiny", seed: int = 1, tls: bool = False, extra: list[str] | None = None,
-                 fresh: bool = True):
-        self.port = free_port()
-        self.db = tmp / f"store-{size}-{seed}-{self.port}.sqlite"
+                 fresh: bool = True, db: Path | None = None, port: int | None = None):
+        self.port = port or free_port()
+        self.db = db or tmp / f"store-{size}-{seed}-{self.port}.sqlite"
         self.scheme = "https" if tls else "http"
         self.url = f"{self.scheme}://127.0.0.1:{self.port}"
         self.api = f"{self.url}/wp-json/wc/v3"
@@ -65,7 +65,8 @@ class SandboxProcess:
     def export(self, entity: str) -> list[dict]:
         import json
 
-        out = subprocess.run([sys.executable, "-m", "sandbox", "export", "--db", str(self.db), "--entity", entity],
+        out = subprocess.run([sys.executable, "-m", "sandbox", "export", "--db", str(self.db), "--entity", entity,
+                              "--base-url", self.url],
                              cwd=REPO, check=True, capture_output=True, text=True).stdout
         return [json.loads(line) for line in out.splitlines()]
 

@@ -49,8 +49,12 @@ class EmbeddedPostgres:
         """The port this data folder's server uses: chosen once (the default if free) and remembered."""
         if self._port is None:
             remembered = self.data_dir / "port"
+            pid_file = self.pgdata / "postmaster.pid"
             if remembered.exists():
                 self._port = int(remembered.read_text())
+            elif pid_file.exists():  # a server of ours already runs here: its port (line 4 of postmaster.pid)
+                self._port = int(pid_file.read_text().splitlines()[3])
+                remembered.write_text(str(self._port))
             else:
                 self._port = DEFAULT_PORT if not _port_busy(DEFAULT_PORT) else _free_port()
                 self.data_dir.mkdir(parents=True, exist_ok=True)

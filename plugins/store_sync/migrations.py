@@ -1,0 +1,28 @@
+"""Apply the ordered DDL migrations in ``include/sql/migrations/`` once each, idempotently."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "include" / "sql" / "migrations"
+
+
+def migrate(dsn: str) -> list[str]:
+    """Apply what is missing, each file in its own transaction; returns the versions applied."""
+    applied = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS sync")
+        conn.execute("CREATE TABLE IF NOT EXISTS sync.schema_migration (version text PRIMARY KEY, "
+                     "applied_at timestamptz NOT NULL DEFAULT now())")
+        for path in sorted(MIGRATIONS.glob("*.sql")):
+            with conn.transaction():
+                # One migrator at a time (parallel tasks, tests): a transaction-scoped advisory lock.
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('store_sync.migrate'))")
+                if conn.execute("SELECT 1 FROM sync.schema_migration WHERE version=%s", (path.stem,)).fetchone():
+                    continue
+                conn.execute(path.read_text())
+                conn.execute("INSERT INTO sync.schema_migration(version) VALUES (%s)", (path.stem,))
+                applied.append(path.stem)
+    return applied

@@ -1,0 +1,67 @@
+"""The entity registry (``include/schemas/entities.yaml``) and the JSON Schemas beside it."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+INCLUDE = Path(__file__).resolve().parents[2] / "include"
+SCHEMAS = INCLUDE / "schemas"
+
+
+@dataclass(frozen=True)
+class Entity:
+    name: str
+    endpoint: str
+    key: str
+    strategy: str
+    schema: str
+    cursor: str | None = None
+    statuses: tuple = (None,)
+    params: dict = field(default_factory=dict)
+    poll_seconds: float = 1
+    overlap_seconds: int = 60
+    per_page: int = 100
+    settle_seconds: int = 2
+    paged: bool = True
+    map_to_list: bool = False
+    scan_every_minutes: int = 10
+    reconcile_every_minutes: int = 60
+
+    @property
+    def validator(self):
+        return _validator(self.schema)
+
+
+@functools.cache
+def _validator(schema_file: str):
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads((SCHEMAS / schema_file).read_text())
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+@functools.cache
+def entities() -> dict[str, Entity]:
+    doc = yaml.safe_load((SCHEMAS / "entities.yaml").read_text())
+    defaults: dict[str, Any] = doc.get("defaults", {})
+    out = {}
+    for name, spec in doc["entities"].items():
+        merged = {**defaults, **spec}
+        if "statuses" in merged:
+            merged["statuses"] = tuple(merged["statuses"])
+        out[name] = Entity(name=name, **merged)
+    return out
+
+
+def entity(name: str) -> Entity:
+    try:
+        return entities()[name]
+    except KeyError:
+        raise KeyError(f"unknown entity {name!r}; the registry knows {', '.join(entities())}") from None
