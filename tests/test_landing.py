@@ -10,28 +10,9 @@ import pytest
 from store_sync.detect import reconcile_deletes, sync_entity
 from store_sync.migrations import migrate
 from store_sync.registry import entities, entity
+from tests.helpers import assert_inbox_matches_truth, latest
 
 WINDOWED = ["orders", "refunds", "subscriptions", "products"]
-
-
-def latest(dsn: str, name: str) -> dict[str, dict]:
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            "SELECT DISTINCT ON (source_key) source_key, payload, is_delete FROM inbox.record WHERE entity=%s "
-            "ORDER BY source_key, source_modified_at DESC NULLS LAST, inbox_id DESC", (name,)).fetchall()
-    return {k: (p, d) for k, p, d in rows}
-
-
-def assert_inbox_matches_truth(dsn: str, sandbox, name: str) -> None:
-    truth = {str(d["id"]): d for d in sandbox.export(name)}
-    landed = latest(dsn, name)
-    missing = set(truth) - set(landed)
-    assert not missing, f"{name}: {len(missing)} records never landed, e.g. {sorted(missing)[:5]}"
-    stale = [k for k, d in truth.items() if landed[k][0] != d]
-    assert not stale, f"{name}: {len(stale)} records landed in an old version, e.g. {stale[:5]}"
-    with psycopg.connect(dsn) as conn:
-        dupes = conn.execute("SELECT count(*) - count(DISTINCT (entity, source_key, payload_hash)) FROM inbox.record").fetchone()[0]
-    assert dupes == 0
 
 
 @pytest.fixture

@@ -88,9 +88,11 @@ def sync_entity(dsn: str, client: StoreClient, entity: Entity, run_id: str, *, m
 def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecord, *, mode: str,
                     since: datetime | None, until: datetime | None) -> datetime:
     live = mode == "live"
-    state_key = "progress" if live else f"backfill:{run.run_id}"
+    # Backfills keep their place in a row of their own: the live cursor is never theirs to move.
+    mark = entity.name if live else f"{entity.name}@backfill"
+    state_key = "progress" if live else f"run:{run.run_id}"
     with psycopg.connect(dsn) as conn:
-        cursor, state = get_watermark(conn, entity.name)
+        cursor, state = get_watermark(conn, mark)
     progress = state.get(state_key) or {}
     if progress.get("t0"):  # a killed run left its place: resume with the same frozen window
         t0 = parse_gmt(progress["t0"])
@@ -114,10 +116,7 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
                 done = final and last_status
                 new_progress = None if done else {"t0": fmt(t0), "status_index": index + (1 if final else 0),
                                                   "lo": fmt(next_lo) if (next_lo and not final) else None}
-                if live:
-                    set_watermark(conn, entity.name, t0 if done else None, run.run_id, {state_key: new_progress})
-                else:
-                    set_watermark(conn, entity.name, None, run.run_id, {state_key: new_progress})
+                set_watermark(conn, mark, t0 if (done and live) else None, run.run_id, {state_key: new_progress})
     return t0
 
 

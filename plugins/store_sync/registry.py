@@ -32,6 +32,7 @@ class Entity:
     map_to_list: bool = False
     scan_every_minutes: int = 10
     reconcile_every_minutes: int = 60
+    max_quiet_seconds: float = 300
 
     @property
     def validator(self):

@@ -1,0 +1,31 @@
+"""What every DAG of the package shares: owner, retries, tags (from one place), pools."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+DEFAULT_ARGS = {
+    "owner": "crm-integration",
+    "retries": 3,
+    "retry_delay": timedelta(seconds=5),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=5),
+}
+
+# Store calls go through these Airflow pools; backfills get fewer slots than live sync.
+LIVE_POOL = "store_api"
+BACKFILL_POOL = "store_api_backfill"
+POOLS = {LIVE_POOL: (4, "store API calls of live sync"), BACKFILL_POOL: (1, "store API calls of backfills")}
+
+
+class Tag:
+    SYNC = "store-sync"
+    INBOX = "inbox"
+    LIVE = "live"
+    BACKFILL = "backfill"
+    RECONCILE = "reconcile"
+    LOOKUPS = "lookups"
+
+
+def inbox_asset_name(entity: str) -> str:
+    return f"crm_inbox_{entity}"
