@@ -2,15 +2,17 @@
 ### Watch the store and land each change in the CRM inbox
 
 One DAG per registry entity that changes over time (`store_watch_orders`, `…_customers`, …).
-Each run is: **wait** (a deferrable sensor; the polling happens in the triggerer and holds no worker
-slot) → **land** (reads the window since the watermark, lands it untouched in `inbox.record`, moves
-the watermark in the same transaction) → announces the Asset `crm_inbox_<entity>` so the CRM
-transforms run at once. The DAG is `@continuous` with one active run: the next wait starts as soon as
-a landing ends.
+Each run is one task, `land_changes`: it **waits** like a deferrable sensor (the polling happens in
+the triggerer, on a small async trigger, and holds no worker slot), then **lands** the window since
+the watermark untouched in `inbox.record`, moving the watermark in the same transaction, and
+announces the Asset `crm_inbox_<entity>` so the CRM transforms run at once. When the store already
+has changes as the run starts, it lands at once without deferring. The DAG is `@continuous` with one
+active run: the next wait starts as soon as a landing ends.
 
-*Why this design*: measured on this machine (`shared/reference/airflow3-latency.md`), a continuous DAG
-with a deferrable sensor on a small async trigger reacts in under 3 s at p95 when tuned, faster
-and with a shorter tail than handing over between DAGs, and its runs and logs stay readable per entity.
+*Why this design*: measured here (`bench/freshness.py`; README), a continuous DAG waiting on a
+deferrable trigger reacts fastest among the Airflow 3.3 designs on this machine; separate sensor and
+land tasks cost an extra task hop per change, and handing over between DAGs through an Asset adds
+about a second and a longer tail (`shared/reference/airflow3-latency.md`).
 
 *Triage*: a failed landing leaves the watermark where it was; clearing the task resumes it. What each
 landing did is in `sync.landing_run`; rejected records with their reason are in `sync.quarantine`.
@@ -20,26 +22,19 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from airflow.sdk import Asset, dag, task
+from airflow.sdk import Asset, dag
 
 from store_sync.dag_defaults import DEFAULT_ARGS, LIVE_POOL, Tag, inbox_asset_name
+from store_sync.operators import LandStoreChangesOperator
 from store_sync.registry import entities
-from store_sync.sensors import StoreChangeSensor
 
 
 def build(name: str):
     @dag(dag_id=f"store_watch_{name}", schedule="@continuous", start_date=datetime(2026, 1, 1), catchup=False,
          max_active_runs=1, default_args=DEFAULT_ARGS, tags=[Tag.SYNC, Tag.INBOX, Tag.LIVE], doc_md=__doc__)
     def watch():
-        wait = StoreChangeSensor(task_id="wait_for_changes", entity=name, pool=LIVE_POOL)
-
-        @task(pool=LIVE_POOL, outlets=[Asset(inbox_asset_name(name))])
-        def land(dag_run=None) -> dict:
-            from store_sync.tasks import land_entity
-
-            return land_entity(name, dag_run.run_id)
-
-        wait >> land()
+        LandStoreChangesOperator(task_id="land_changes", entity=name, pool=LIVE_POOL,
+                                 outlets=[Asset(inbox_asset_name(name))])
 
     return watch()
 

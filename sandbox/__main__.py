@@ -41,6 +41,8 @@ def serve(args: argparse.Namespace) -> None:
             store.db.execute("INSERT OR REPLACE INTO api_keys VALUES (?,?,?)", (ck, cs, "read"))
     faults = Faults(args.faults, seed=args.seed, slow_seconds=args.slow_seconds)
     app = create_app(store, faults, legacy_sort=args.legacy_sort, webhook_delay=args.webhook_delay)
+    if args.change_log:
+        app.state.domain.changes.listeners.append(change_logger(args.change_log))
     simulator = ChangeSimulator(app.state.domain, args.changes_per_second, seed=args.seed)
     app.state.simulator = simulator
     simulator.start()
@@ -54,6 +56,21 @@ def serve(args: argparse.Namespace) -> None:
     print(f"sandbox store ({args.size}, seed {args.seed}, tz {store.tz}) at {scheme}://{args.host}:{args.port}"
           f"/wp-json/wc/v3  db={db}  changes/s={args.changes_per_second}  faults={args.faults or 'none'}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, **ssl)
+
+
+def change_logger(path: str):
+    """Benchmarks need to know when each change happened, to the millisecond (the API keeps seconds)."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+    out = open(path, "a", buffering=1)  # noqa: SIM115 - open for the life of the server
+
+    def log(resource: str, event: str, record_id: int) -> None:
+        with lock:
+            out.write(json.dumps({"t": time.time(), "resource": resource, "event": event, "id": record_id}) + "\n")
+
+    return log
 
 
 def export(args: argparse.Namespace) -> None:
@@ -108,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--legacy-sort", action="store_true", help="older stores: no ID tie-breaker in date sorts")
     s.add_argument("--webhook-delay", type=float, default=0.5)
     s.add_argument("--log-level", default="warning")
+    s.add_argument("--change-log", help="append every change (with its exact time) to this JSON-lines file")
     s.set_defaults(func=serve)
     g = sub.add_parser("generate", help="generate a store file and exit")
     g.add_argument("--size", choices=list(SIZES), default="tiny")

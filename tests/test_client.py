@@ -94,3 +94,12 @@ def test_one_budget_per_store_is_shared():
     from store_sync.client import shared_budget
 
     assert shared_budget("https://shop.test", 5, 3) is shared_budget("https://shop.test", 50, 30)
+
+
+def test_rising_latency_slows_the_client_down(sandbox_factory):
+    slow = sandbox_factory(size="tiny", seed=1, extra=["--faults", "slow=0.3", "--slow-seconds", "1.2"])
+    client = slow.client(requests_per_second=50)
+    for _ in range(12):
+        client.get("orders", {"per_page": 1})
+    assert client.budget.latency_slowdowns > 0
+    assert client.budget.rate < client.budget.max_rate

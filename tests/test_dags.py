@@ -65,11 +65,12 @@ def test_dags_follow_house_rules(dagbag):
             assert t.pool in POOLS, f"{dag_id}.{t.task_id}: store calls go through a store pool"
 
 
-def test_watch_sensors_defer(dagbag):
-    from store_sync.sensors import StoreChangeSensor
+def test_watch_dags_wait_in_the_triggerer(dagbag):
+    from store_sync.operators import LandStoreChangesOperator
 
-    sensors = [t for d in dagbag.dags.values() for t in d.tasks if isinstance(t, StoreChangeSensor)]
-    assert sensors and all(s.deferrable for s in sensors)
+    watchers = [t for d in dagbag.dags.values() for t in d.tasks if isinstance(t, LandStoreChangesOperator)]
+    assert len(watchers) == sum(1 for e in entities().values() if e.strategy != "snapshot")
+    assert all(w.deferrable and w.outlets for w in watchers)
 
 
 def test_dags_serialize(dagbag):
@@ -137,3 +138,26 @@ def test_backfill_form_rejects_bad_input(dagbag):
         with pytest.raises(Exception):  # noqa: B017 - ParamValidationError, surfaced by the trigger form
             params.update(bad)
             params.validate()
+
+
+def test_watch_dag_defers_then_lands_a_change_made_while_it_waits(dagbag, wired, sandbox_factory):
+    import threading
+    import time
+
+    sandbox = sandbox_factory(size="tiny", seed=14)
+    dsn = wired(sandbox)
+    dag = dagbag.get_dag("store_watch_orders")
+    assert dag.test().state == "success"  # the first load lands at once, without waiting
+    time.sleep(3)  # let the first window's upper bound pass so nothing is pending
+    client = sandbox.client()
+    order = client.get("orders", {"status": "processing", "per_page": 1})[0]
+    threading.Timer(3.0, lambda: client.put(f"orders/{order['id']}", {"status": "completed"})).start()
+    started = time.monotonic()
+    assert dag.test().state == "success"
+    assert time.monotonic() - started >= 3.0, "the run must have waited in the trigger for the change"
+    if latest(dsn, "orders")[str(order["id"])][0]["status"] != "completed":
+        # Landed in the change's own second: the window ends at the last whole second, so the
+        # trigger fires again at once and the next run takes it.
+        assert dag.test().state == "success"
+    landed = latest(dsn, "orders")[str(order["id"])][0]
+    assert landed["status"] == "completed"

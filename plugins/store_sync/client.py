@@ -74,6 +74,8 @@ class RequestBudget:
         self._lock = threading.Lock()
         self._next_slot = time.monotonic()
         self.waited = 0.0
+        self.latency: float | None = None
+        self.latency_slowdowns = 0
 
     def acquire(self) -> None:
         self.in_flight.acquire()
@@ -96,6 +98,15 @@ class RequestBudget:
     def recover(self) -> None:
         with self._lock:
             self.rate = min(self.max_rate, self.rate + self.max_rate * 0.05)
+
+    def observe(self, seconds: float) -> None:
+        """Rising latency means a busy store: slow down before it starts refusing."""
+        with self._lock:
+            baseline = self.latency
+            self.latency = seconds if baseline is None else 0.9 * baseline + 0.1 * seconds
+        if baseline is not None and seconds > max(1.0, 3 * baseline):
+            self.slow_down()
+            self.latency_slowdowns += 1
 
 
 _BUDGETS: dict[str, RequestBudget] = {}
@@ -213,7 +224,9 @@ class StoreClient:
             self.budget.acquire()
             try:
                 self.stats.requests += 1
+                sent = time.monotonic()
                 response = self._send(method, url, params, json_body)
+                self.budget.observe(time.monotonic() - sent)
             except requests.exceptions.SSLError as exc:
                 raise StoreUnavailable(0, "store_tls_error", f"the store's TLS certificate was refused ({exc}); set "
                                        f"'verify' in the connection extras to the CA bundle that signs it", url) from None

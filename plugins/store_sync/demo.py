@@ -1,16 +1,20 @@
-"""``make demo``: start what the integration needs on this machine and say where it is.
+"""``make demo``: the whole integration on this machine, started by one command.
 
-* the CRM database: ``CRM_DATABASE_URL`` if set, else the embedded PostgreSQL;
+* the CRM database: ``CRM_DATABASE_URL`` if set, else the embedded PostgreSQL (which also holds
+  Airflow's metadata database);
 * the store: ``AIRFLOW_CONN_STORE_API`` if set (a real shop), else the sandbox store with the change
-  simulator on.
+  simulator on;
+* Airflow 3.3 (api-server, scheduler, dag-processor, triggerer) with the DAGs unpaused.
 
-``--once`` checks both answer, prints what it found and exits 0; without it the demo runs until
-Ctrl-C and stops everything it started.
+It prints the UI address and login, then runs until Ctrl-C and stops everything it started.
+``--once`` runs one landing cycle of every entity headless (the DAG tasks' own code), prints the
+row counts and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -21,72 +25,116 @@ from pathlib import Path
 from store_sync.crm_database import EmbeddedPostgres, configured_dsn, describe, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / ".data"
 
 
-def start_sandbox(port: int, size: str, rate: float) -> subprocess.Popen:
-    log = open(REPO / ".data" / "sandbox.log", "a")  # noqa: SIM115 - lives as long as the process
+def start_sandbox(port: int, size: str, rate: float, extra: list[str] | None = None) -> subprocess.Popen:
+    log = open(DATA / "sandbox.log", "a")  # noqa: SIM115 - lives as long as the process
     return subprocess.Popen([sys.executable, "-m", "sandbox", "serve", "--port", str(port), "--size", size,
-                             "--changes-per-second", str(rate)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                             "--changes-per-second", str(rate), *(extra or [])], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def wait_for_store(client, started: list[subprocess.Popen], seconds: float = 300) -> dict:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return client.check()
+        except Exception:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in started):
+                raise
+            time.sleep(0.5)
+
+
+def wait_for_signal() -> None:
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1):
+        pass
+    print("Stopping what the demo started…")
+
+
+def inbox_counts(dsn: str) -> list[tuple]:
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT entity, count(DISTINCT source_key), count(*) FROM inbox.record "
+                            "GROUP BY entity ORDER BY entity").fetchall()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--once", action="store_true", help="check everything answers, print, exit")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--once", action="store_true", help="one landing cycle of every entity, print counts, exit")
     parser.add_argument("--size", default=os.environ.get("DEMO_STORE_SIZE", "small"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("DEMO_STORE_PORT", 8765)))
+    parser.add_argument("--airflow-port", type=int, default=int(os.environ.get("DEMO_AIRFLOW_PORT", 8080)))
     parser.add_argument("--changes-per-second", type=float, default=2.0)
     args = parser.parse_args(argv)
-    (REPO / ".data").mkdir(exist_ok=True)
+    DATA.mkdir(exist_ok=True)
 
     started: list[subprocess.Popen] = []
-    embedded = None
-    dsn = configured_dsn()
-    if dsn:
-        wait_for(dsn)
-        print(f"CRM database: {describe(dsn)} (from your configuration)")
-    else:
-        embedded = EmbeddedPostgres()
-        was_running = embedded.is_running()
-        dsn = embedded.start()
-        print(f"CRM database: embedded PostgreSQL at {describe(dsn)} (data in {embedded.data_dir})")
-        if was_running:
-            embedded = None  # not ours to stop
-
-    from store_sync.client import StoreClient
-    from store_sync.hooks import StoreApiHook
-
-    if os.environ.get("AIRFLOW_CONN_STORE_API"):
-        client = StoreApiHook().get_client()
-        print(f"Store: {client.api_url} (from AIRFLOW_CONN_STORE_API)")
-    else:
-        proc = start_sandbox(args.port, args.size, 0.0 if args.once else args.changes_per_second)
-        started.append(proc)
-        client = StoreClient(f"http://127.0.0.1:{args.port}", "ck_sandbox", "cs_sandbox", max_retries=0)
-        print(f"Store: sandbox ({args.size}) at {client.api_url}, change simulator "
-              f"{'off' if args.once else f'{args.changes_per_second}/s'}, keys ck_sandbox/cs_sandbox")
+    embedded = EmbeddedPostgres()
+    own_embedded = not embedded.is_running()
+    stack = None
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                env = client.check()
-                break
-            except Exception:
-                if time.monotonic() > deadline or any(p.poll() is not None for p in started):
-                    raise
-                time.sleep(0.5)
-        print(f"Store answers: WooCommerce {env.get('version')}; "
-              f"{client.count('orders')} orders, {client.count('customers')} customers, "
-              f"{client.count('products')} products")
+        embedded_dsn = embedded.start()  # Airflow's metadata lives here even when the CRM is elsewhere
+        crm = configured_dsn()
+        if crm:
+            wait_for(crm)
+            print(f"CRM database: {describe(crm)} (from your configuration)")
+        else:
+            crm = embedded_dsn
+            print(f"CRM database: embedded PostgreSQL at {describe(crm)} (data in {embedded.data_dir})")
+        os.environ["CRM_DATABASE_URL"] = crm
+
+        from store_sync.hooks import StoreApiHook
+
+        if not os.environ.get("AIRFLOW_CONN_STORE_API"):
+            started.append(start_sandbox(args.port, args.size, 0.0 if args.once else args.changes_per_second))
+            os.environ["AIRFLOW_CONN_STORE_API"] = json.dumps({
+                "conn_type": "http", "host": f"http://127.0.0.1:{args.port}", "login": "ck_sandbox",
+                "password": "cs_sandbox", "extra": {"requests_per_second": 20, "max_in_flight": 3}})
+            print(f"Store: sandbox ({args.size}) at http://127.0.0.1:{args.port}/wp-json/wc/v3, change simulator "
+                  f"{'off' if args.once else f'{args.changes_per_second}/s'}")
+        client = StoreApiHook().get_client()
+        env = wait_for_store(client, started)
+        print(f"Store answers at {client.api_url}: WooCommerce {env.get('version')}")
+
         if args.once:
+            from store_sync.registry import entities
+            from store_sync.tasks import land_entity
+
+            for name in entities():
+                counts = land_entity(name, f"demo-once-{int(time.time())}")
+                print(f"  landed {name:<22} read {counts['read']:>6}  new {counts['landed']:>6}  "
+                      f"quarantined {counts['quarantined']}")
+            print("Inbox (records, versions):")
+            for entity, records, versions in inbox_counts(crm):
+                print(f"  inbox.record[{entity}]: {records} records, {versions} versions")
             return 0
-        print("Running. Ctrl-C stops everything the demo started.")
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+
+        from store_sync.stack import AirflowStack, metadata_url_for
+
+        stack = AirflowStack(DATA / "airflow", metadata_url_for(embedded), port=args.airflow_port)
+        print("Airflow: migrating its metadata database…")
+        stack.setup()
+        stack.start()
+        print(f"Airflow UI: {stack.url}  login admin / {stack.admin_password()}  "
+              f"(password kept in {stack.home / 'passwords.json'})")
+        print("The store_watch_* DAGs are unpaused and landing; `make demo ARGS=--once` prints counts. "
+              "Ctrl-C stops everything the demo started.")
+        wait_for_signal()
         return 0
     finally:
+        if stack is not None:
+            stack.stop()
         for proc in started:
             proc.terminate()
             proc.wait(10)
-        if embedded is not None:
+        if own_embedded:
             embedded.stop()
 
 

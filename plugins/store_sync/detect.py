@@ -203,6 +203,7 @@ def id_scan(dsn: str, client: StoreClient, entity: Entity, run: RunRecord, full:
         _, state = get_watermark(conn, entity.name)
         max_id = int(state.get("max_id") or 0)
         orders_seen = int(state.get("orders_inbox_id") or 0)
+        hooks_seen = int(state.get("webhook_event_id") or 0)
     # 1. new customers: highest ids first, down to what we know
     newest = max_id
     for page in client.iter_pages(entity.endpoint, {**entity.params, "order": "desc"}, entity.per_page):
@@ -222,6 +223,13 @@ def id_scan(dsn: str, client: StoreClient, entity: Entity, run: RunRecord, full:
     if rows and rows[1]:
         fetch_by_ids(dsn, client, entity, run, rows[1])
     orders_seen = rows[0] if rows and rows[0] else orders_seen
+    # 2b. customers the store told us about by webhook (created, updated, deleted)
+    with psycopg.connect(dsn) as conn:
+        hooks = conn.execute("SELECT max(event_id), array_agg(DISTINCT source_key::bigint) FROM sync.webhook_event "
+                             "WHERE entity=%s AND event_id > %s", (entity.name, hooks_seen)).fetchone()
+    if hooks and hooks[1]:
+        fetch_by_ids(dsn, client, entity, run, hooks[1])
+    hooks_seen = hooks[0] if hooks and hooks[0] else hooks_seen
     # 3. the cheap full scan: changed and deleted customers
     last_scan = parse_gmt(state.get("last_scan"))
     if full or last_scan is None or started - last_scan >= timedelta(minutes=entity.scan_every_minutes):
@@ -242,7 +250,8 @@ def id_scan(dsn: str, client: StoreClient, entity: Entity, run: RunRecord, full:
         last_scan = started
     with psycopg.connect(dsn) as conn, conn.transaction():
         set_watermark(conn, entity.name, started, run.run_id,
-                      {"max_id": newest, "orders_inbox_id": orders_seen, "last_scan": fmt(last_scan)})
+                      {"max_id": newest, "orders_inbox_id": orders_seen, "webhook_event_id": hooks_seen,
+                       "last_scan": fmt(last_scan)})
     return started
 
 

@@ -27,7 +27,7 @@ class Entity:
     poll_seconds: float = 1
     overlap_seconds: int = 60
     per_page: int = 100
-    settle_seconds: int = 2
+    settle_seconds: int = 0
     paged: bool = True
     map_to_list: bool = False
     scan_every_minutes: int = 10

@@ -88,10 +88,14 @@ class StoreChangeTrigger(BaseTrigger):
         from store_sync.tasks import crm_dsn
 
         with psycopg.connect(crm_dsn(), connect_timeout=5) as conn:
-            row = conn.execute("SELECT 1 FROM inbox.record WHERE entity='orders' AND inbox_id > %s AND "
-                               "(payload->>'customer_id')::bigint > 0 LIMIT 1",
-                               (int(self.state.get("orders_inbox_id") or 0),)).fetchone()
-        if row:
+            orders, hooks = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM inbox.record WHERE entity='orders' AND inbox_id > %s AND "
+                "(payload->>'customer_id')::bigint > 0), "
+                "EXISTS (SELECT 1 FROM sync.webhook_event WHERE entity='customers' AND event_id > %s)",
+                (int(self.state.get("orders_inbox_id") or 0), int(self.state.get("webhook_event_id") or 0))).fetchone()
+        if hooks:
+            return "the store sent customer webhooks"
+        if orders:
             return "orders of registered customers landed"
         last_scan = self.state.get("last_scan")
         if not last_scan or datetime.utcnow() - datetime.fromisoformat(last_scan[:19]) >= timedelta(

@@ -10,7 +10,7 @@ CREATE TABLE IF NOT EXISTS inbox.record (
     is_delete          boolean     NOT NULL DEFAULT false, -- trashed or gone from the store
     payload            jsonb       NOT NULL,               -- the record exactly as received
     payload_hash       text        NOT NULL,
-    received_at        timestamptz NOT NULL DEFAULT now(),
+    received_at        timestamptz NOT NULL DEFAULT clock_timestamp(),  -- when the row was written
     run_id             text        NOT NULL,
     applied_at         timestamptz,                        -- set by the CRM transforms
     CONSTRAINT inbox_record_once UNIQUE (entity, source_key, payload_hash)

@@ -1,0 +1,154 @@
+"""Freshness: seconds from a change in the store to its row in the CRM inbox, on the real stack.
+
+    .venv/bin/python bench/freshness.py [--size small] [--rate 2] [--changes 200]
+
+Starts everything the way `make demo` does, but on throw-away databases: the embedded PostgreSQL
+(a CRM database and an Airflow metadata database of its own), the sandbox store with the change
+simulator at a steady rate and customer webhooks pointed at the Airflow api-server, and Airflow's
+api-server, scheduler, dag-processor and triggerer with the DAGs unpaused. After the initial load it
+records at least --changes changes (the simulator logs each with its exact time) and matches each
+to the first inbox row written after it that carries it. It prints p50 / p95 / max per entity and
+where the time goes: from the change to the start of the landing task (trigger poll, sensor resume,
+scheduling) and from there to the row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
+
+import psycopg  # noqa: E402
+
+from store_sync.crm_database import EmbeddedPostgres  # noqa: E402
+from store_sync.stack import AirflowStack  # noqa: E402
+from tests.helpers import SandboxProcess, free_port  # noqa: E402
+
+ENTITY = {"order": "orders", "subscription": "subscriptions", "product": "products", "customer": "customers"}
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--rate", type=float, default=2.0, help="store changes per second")
+    parser.add_argument("--changes", type=int, default=200)
+    parser.add_argument("--tail", type=float, default=20, help="seconds to wait for the last changes to land")
+    args = parser.parse_args()
+
+    pg = EmbeddedPostgres()
+    own_pg = not pg.is_running()
+    pg.start()
+    stamp = str(int(time.time()))
+    crm_db, meta_db = f"crm_bench_{stamp}", f"airflow_bench_{stamp}"
+    with psycopg.connect(pg.admin_dsn(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {crm_db} OWNER crm_sync")
+        conn.execute(f"CREATE DATABASE {meta_db} OWNER crm_sync")
+    crm = pg.dsn(crm_db)
+    tmp = Path(tempfile.mkdtemp(prefix="freshness-"))
+    changes_file = tmp / "changes.jsonl"
+    airflow_port = free_port()
+    secret = "bench-webhook-secret"
+    sandbox = SandboxProcess(tmp, size=args.size, seed=1, extra=[
+        "--changes-per-second", str(args.rate), "--change-log", str(changes_file), "--webhook-delay", "0.2"])
+    stack = None
+    try:
+        from store_sync.webhook_receiver import register
+
+        register(sandbox.client(), f"http://127.0.0.1:{airflow_port}/store-webhooks/receive", secret)
+        store_conn = json.dumps({"conn_type": "http", "host": sandbox.url, "login": "ck_sandbox",
+                                 "password": "cs_sandbox", "extra": {"requests_per_second": 20, "max_in_flight": 3}})
+        stack = AirflowStack(tmp / "airflow", pg.dsn(meta_db).replace("postgresql://", "postgresql+psycopg://", 1),
+                             port=airflow_port, extra_env={"CRM_DATABASE_URL": crm, "AIRFLOW_CONN_STORE_API": store_conn,
+                                                           "STORE_WEBHOOK_SECRET": secret})
+        t0 = time.time()
+        stack.setup()
+        stack.start()
+        print(f"Airflow up in {time.time() - t0:.0f}s; waiting for the initial load…", flush=True)
+        tracked = sorted(set(ENTITY.values()))
+        deadline = time.time() + 600
+        while True:
+            try:
+                with psycopg.connect(crm) as conn:
+                    ready = conn.execute("SELECT count(*) FROM sync.watermark WHERE entity = ANY(%s) AND "
+                                         "cursor_at IS NOT NULL", (tracked,)).fetchone()[0]
+            except psycopg.Error:
+                ready = 0
+            if ready == len(tracked):
+                break
+            if time.time() > deadline:
+                raise RuntimeError("the initial load did not finish in 10 minutes")
+            time.sleep(2)
+        start = time.time()
+        print(f"initial load done in {start - t0:.0f}s; measuring {args.changes} changes at {args.rate}/s…", flush=True)
+        changes: list[dict] = []
+        while len(changes) < args.changes:
+            time.sleep(2)
+            changes = [c for c in map(json.loads, changes_file.read_text().splitlines())
+                       if c["t"] > start and c["resource"] in ENTITY]
+        end = time.time()
+        time.sleep(args.tail)
+        rows = []
+        with psycopg.connect(crm) as conn:
+            for c in changes:
+                hit = conn.execute(
+                    "SELECT extract(epoch FROM r.received_at), extract(epoch FROM l.started_at) FROM inbox.record r "
+                    "LEFT JOIN sync.landing_run l ON l.run_id = r.run_id AND l.entity = r.entity "
+                    "WHERE r.entity=%s AND r.source_key=%s AND r.received_at >= to_timestamp(%s) "
+                    "AND (r.source_modified_at IS NULL OR r.source_modified_at >= to_timestamp(floor(%s))) "
+                    "ORDER BY r.received_at LIMIT 1", (ENTITY[c["resource"]], str(c["id"]), c["t"], c["t"])).fetchone()
+                rows.append((ENTITY[c["resource"]], c, hit))
+        print(f"\n{len(changes)} changes in {end - start:.0f}s ({len(changes) / (end - start):.1f}/s); seconds from the "
+              f"change in the store to its row in inbox.record:")
+        print(f"{'entity':<14} {'n':>4} {'landed':>6} {'p50':>6} {'p95':>6} {'max':>6} | {'to land start p50':>17} "
+              f"{'landing p50':>11}")
+        every = []
+        for entity in tracked:
+            mine = [(c, h) for e, c, h in rows if e == entity]
+            ok = [(c, h) for c, h in mine if h]
+            total = [float(h[0]) - c["t"] for c, h in ok]
+            detect = [float(h[1]) - c["t"] for c, h in ok if h[1] is not None]
+            land = [float(h[0]) - float(h[1]) for c, h in ok if h[1] is not None]
+            every += total
+            if mine:
+                print(f"{entity:<14} {len(mine):>4} {len(ok):>6} {pct(total, .5):>6.2f} {pct(total, .95):>6.2f} "
+                      f"{max(total, default=float('nan')):>6.2f} | {pct(detect, .5):>17.2f} {pct(land, .5):>11.2f}")
+        print(f"{'all':<14} {len(rows):>4} {len(every):>6} {pct(every, .5):>6.2f} {pct(every, .95):>6.2f} "
+              f"{max(every, default=float('nan')):>6.2f}   (target: p95 <= 5 s)")
+        missing = [(e, c) for e, c, h in rows if not h]
+        if missing:
+            print(f"not landed within the tail: {len(missing)}, e.g. {missing[:3]}")
+        if every:
+            print(f"mean {statistics.mean(every):.2f}s")
+        return 0
+    finally:
+        if stack is not None:
+            stack.stop()
+        sandbox.stop()
+        with psycopg.connect(pg.admin_dsn(), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {crm_db} WITH (FORCE)")
+            conn.execute(f"DROP DATABASE IF EXISTS {meta_db} WITH (FORCE)")
+        if own_pg:
+            pg.stop()
+        if os.environ.get("KEEP_BENCH_FILES") is None:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""``LandStoreChangesOperator``: wait for store changes without a worker slot, then land them.
+
+One operator per watch DAG run:
+
+1. on a worker, one cheap question to the store ("anything newer than the watermark?"); if the
+   answer is yes, land at once: under a steady stream of changes this saves the round trip through
+   the triggerer;
+2. otherwise defer to ``StoreChangeTrigger``: the waiting happens in the triggerer and holds no
+   worker or pool slot;
+3. when the trigger fires, resume on a worker and land.
+
+Waiting and landing sit in one task because each task hop costs Airflow 0.3-1 s
+(``shared/reference/airflow3-latency.md``) and freshness is the point of these DAGs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseOperator, Variable
+
+from store_sync.triggers import StoreChangeTrigger
+
+
+def overrides(entity: str) -> dict:
+    """Per-entity poll settings from the Airflow Variable ``store_sync_overrides`` (JSON), read at run time."""
+    try:
+        every = Variable.get("store_sync_overrides", default={}, deserialize_json=True) or {}
+    except Exception:  # no Variable backend reachable (e.g. a bare test): registry defaults apply
+        every = {}
+    return {**every.get("*", {}), **every.get(entity, {})}
+
+
+class LandStoreChangesOperator(BaseOperator):
+    """Land the changes of ``entity`` (a registry name) as soon as the store has any.
+
+    Poll interval and safety-cycle period come from the entity registry, overridable with the
+    Variable ``store_sync_overrides`` (``{"orders": {"poll_seconds": 2}}``).
+    """
+
+    template_fields = ("entity",)
+    ui_color = "#d6eaf8"
+
+    def __init__(self, *, entity: str, store_conn_id: str = "store_api", deferrable: bool = True, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.entity, self.store_conn_id, self.deferrable = entity, store_conn_id, deferrable
+
+    def _trigger(self) -> StoreChangeTrigger:
+        import psycopg
+
+        from store_sync.landing import get_watermark
+        from store_sync.migrations import migrate
+        from store_sync.registry import entity as registry_entity
+        from store_sync.tasks import crm_dsn
+
+        spec = registry_entity(self.entity)
+        dsn = crm_dsn()
+        migrate(dsn)
+        with psycopg.connect(dsn) as conn:
+            cursor, state = get_watermark(conn, self.entity)
+        extra = overrides(self.entity)
+        return StoreChangeTrigger(
+            entity=self.entity, cursor=cursor.strftime("%Y-%m-%dT%H:%M:%S") if cursor else None,
+            store_conn_id=self.store_conn_id, poll_seconds=float(extra.get("poll_seconds", spec.poll_seconds)),
+            max_quiet_seconds=float(extra.get("max_quiet_seconds", spec.max_quiet_seconds)),
+            state={k: state.get(k) for k in ("max_id", "orders_inbox_id", "webhook_event_id", "last_scan")})
+
+    def execute(self, context) -> Any:
+        from store_sync.hooks import StoreApiHook
+        from store_sync.registry import entity as registry_entity
+
+        trigger = self._trigger()
+        reason = trigger.check(StoreApiHook(self.store_conn_id).get_client(), registry_entity(self.entity), 0)
+        if reason or not self.deferrable:
+            return self._land(context, reason or "scheduled cycle")
+        self.defer(trigger=trigger, method_name="execute_complete")
+
+    def execute_complete(self, context, event: dict | None = None) -> dict:
+        if not event or event.get("status") == "error":
+            raise RuntimeError(f"{self.entity}: {event.get('message') if event else 'no event from the trigger'}")
+        return self._land(context, event.get("reason", ""))
+
+    def _land(self, context, reason: str) -> dict:
+        from store_sync.tasks import land_entity
+
+        self.log.info("%s: %s; landing", self.entity, reason)
+        counts = land_entity(self.entity, context["dag_run"].run_id, store_conn_id=self.store_conn_id)
+        self.log.info("%s: %s", self.entity, counts)
+        return counts
