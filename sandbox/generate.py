@@ -29,6 +29,7 @@ class Size:
 SIZES = {
     "tiny": Size(customers=30, products=16, orders=60, subscriptions=8, days=30),
     "small": Size(customers=1_000, products=120, orders=5_000, subscriptions=300, days=180),
+    "10k": Size(customers=2_000, products=150, orders=10_000, subscriptions=500, days=365),
     "medium": Size(customers=20_000, products=600, orders=100_000, subscriptions=5_000, days=720),
     "large": Size(customers=150_000, products=3_000, orders=1_000_000, subscriptions=40_000, days=1_460),
 }

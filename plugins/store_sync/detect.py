@@ -106,18 +106,58 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
     else:
         lo = since
     statuses = list(entity.statuses)
-    for index in range(start_status, len(statuses)):
-        status = statuses[index]
-        first_lo = resume_lo if (index == start_status and resume_lo) else lo
-        last_status = index == len(statuses) - 1
-        for page, next_lo, final in keyset_pages(client, entity, status, first_lo, t0):
-            with psycopg.connect(dsn) as conn, conn.transaction():
-                run.add(land_page(conn, entity, page, run.run_id))
-                done = final and last_status
-                new_progress = None if done else {"t0": fmt(t0), "status_index": index + (1 if final else 0),
-                                                  "lo": fmt(next_lo) if (next_lo and not final) else None}
-                set_watermark(conn, mark, t0 if (done and live) else None, run.run_id, {state_key: new_progress})
+    with psycopg.connect(dsn) as conn:
+        for index in range(start_status, len(statuses)):
+            status = statuses[index]
+            first_lo = resume_lo if (index == start_status and resume_lo) else lo
+            last_status = index == len(statuses) - 1
+            # The next page is fetched while this one lands: reading and writing overlap.
+            for page, next_lo, final in prefetched(keyset_pages(client, entity, status, first_lo, t0)):
+                with conn.transaction():
+                    run.add(land_page(conn, entity, page, run.run_id))
+                    done = final and last_status
+                    new_progress = None if done else {"t0": fmt(t0), "status_index": index + (1 if final else 0),
+                                                      "lo": fmt(next_lo) if (next_lo and not final) else None}
+                    set_watermark(conn, mark, t0 if (done and live) else None, run.run_id, {state_key: new_progress})
     return t0
+
+
+def prefetched(pages: Iterator, depth: int = 1) -> Iterator:
+    """Run a page generator one step ahead in a thread; errors surface in order, at the consumer."""
+    import queue
+    import threading
+
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in pages:
+                while not stop.is_set():
+                    try:
+                        box.put((item, None), timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put((done, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            box.put((None, exc))
+
+    worker = threading.Thread(target=produce, name="page-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = box.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 def keyset_pages(client: StoreClient, entity: Entity, status: str | None, lo: datetime | None,

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import psycopg
-from jsonschema.exceptions import best_match
 
 from store_sync.registry import Entity
 
@@ -50,11 +49,10 @@ def land_page(conn: psycopg.Connection, entity: Entity, records: Iterable[dict],
     for record in records:
         result.read += 1
         key = record.get(entity.key) if isinstance(record, dict) else None
-        errors = entity.validator.iter_errors(record) if not deletes else iter(())
-        error = best_match(errors)
-        if error is not None or key in (None, ""):
-            where = "/".join(str(p) for p in error.absolute_path) if error is not None else entity.key
-            reason = f"{where or '(record)'}: {error.message}" if error is not None else f"missing key field {entity.key!r}"
+        reason = None if deletes else entity.problem(record)
+        if reason is None and key in (None, ""):
+            reason = f"missing key field {entity.key!r}"
+        if reason is not None:
             bad.append((entity.name, None if key is None else str(key), reason, json.dumps(record), run_id))
             continue
         text = canonical(record)

@@ -34,18 +34,29 @@ class Entity:
     reconcile_every_minutes: int = 60
     max_quiet_seconds: float = 300
 
-    @property
-    def validator(self):
-        return _validator(self.schema)
+    def problem(self, record: Any) -> str | None:
+        """Why ``record`` fails this entity's JSON Schema, or None when it is fine."""
+        return _validator(self.schema)(record)
 
 
 @functools.cache
 def _validator(schema_file: str):
+    """A compiled validator (fastjsonschema: ~10x faster than interpreting the schema per record)."""
+    import fastjsonschema
     from jsonschema import Draft202012Validator
 
     schema = json.loads((SCHEMAS / schema_file).read_text())
-    Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema)
+    Draft202012Validator.check_schema(schema)  # a broken schema fails loudly, at first use
+    check = fastjsonschema.compile(schema)
+
+    def problem(record: Any) -> str | None:
+        try:
+            check(record)
+        except fastjsonschema.JsonSchemaValueException as exc:
+            return exc.message.replace("data.", "", 1).replace("data ", "record ", 1)
+        return None
+
+    return problem
 
 
 @functools.cache
