@@ -49,7 +49,7 @@ def wired(crm_dsn, monkeypatch):
 
 def test_dags_import_without_errors(dagbag):
     assert dagbag.import_errors == {}
-    expected = {"store_backfill", "store_reconcile_deletes"}
+    expected = {"store_backfill", "store_reconcile_deletes", "crm_transform", "crm_reconcile"}
     for name, spec in entities().items():
         expected.add(f"store_snapshot_{name}" if spec.strategy == "snapshot" else f"store_watch_{name}")
     assert expected <= set(dagbag.dag_ids)
@@ -97,6 +97,12 @@ def test_initial_load_of_a_small_store_through_airflow(dagbag, wired, sandbox_fa
         runs = dict(conn.execute("SELECT entity, status FROM sync.landing_run").fetchall())
     assert countries == 8
     assert set(runs) == set(entities()) and set(runs.values()) == {"success"}
+    # ... and the transform DAG (scheduled on the inbox Assets) turns them into the CRM model.
+    assert dagbag.get_dag("crm_transform").test().state == "success"
+    with psycopg.connect(dsn) as conn:
+        crm_orders = conn.execute("SELECT count(*) FROM crm.sales_order").fetchone()[0]
+        unapplied = conn.execute("SELECT count(*) FROM inbox.record WHERE applied_at IS NULL").fetchone()[0]
+    assert crm_orders == len(sandbox.export("orders")) and unapplied == 0
 
 
 def test_backfill_beside_live_changes_nothing_it_should_not(dagbag, wired, sandbox_factory):

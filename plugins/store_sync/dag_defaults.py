@@ -15,7 +15,9 @@ DEFAULT_ARGS = {
 # Store calls go through these Airflow pools; backfills get fewer slots than live sync.
 LIVE_POOL = "store_api"
 BACKFILL_POOL = "store_api_backfill"
-POOLS = {LIVE_POOL: (4, "store API calls of live sync"), BACKFILL_POOL: (1, "store API calls of backfills")}
+TRANSFORM_POOL = "crm_transform"
+POOLS = {LIVE_POOL: (4, "store API calls of live sync"), BACKFILL_POOL: (1, "store API calls of backfills"),
+         TRANSFORM_POOL: (1, "CRM transforms (one writer at a time)")}
 
 
 class Tag:
@@ -25,6 +27,7 @@ class Tag:
     BACKFILL = "backfill"
     RECONCILE = "reconcile"
     LOOKUPS = "lookups"
+    CRM = "crm"
 
 
 def inbox_asset_name(entity: str) -> str:

@@ -22,6 +22,7 @@ class Entity:
     strategy: str
     schema: str
     cursor: str | None = None
+    transform: str | None = None
     statuses: tuple = (None,)
     params: dict = field(default_factory=dict)
     poll_seconds: float = 1

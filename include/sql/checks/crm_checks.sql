@@ -1,0 +1,33 @@
+-- CRM checks: each query returns the offending rows (a key and the problem); none means pass.
+-- name: order_totals_add_up
+SELECT o.id::text AS key, format('total %s but lines %s + shipping %s + fees %s + tax %s', o.total,
+       COALESCE(l.total, 0), o.shipping_total, COALESCE(f.total, 0), o.total_tax) AS problem
+FROM crm.sales_order o
+LEFT JOIN (SELECT order_id, sum(total) total FROM crm.sales_order_line GROUP BY 1) l ON l.order_id = o.id
+LEFT JOIN (SELECT order_id, sum(total) total FROM crm.sales_order_fee GROUP BY 1) f ON f.order_id = o.id
+WHERE o.deleted_at IS NULL
+  AND abs(o.total - (COALESCE(l.total, 0) + o.shipping_total + COALESCE(f.total, 0) + o.total_tax)) > 0.02;
+-- name: refunds_within_their_order
+SELECT r.id::text, format('refund %s exceeds order %s total %s', r.amount, o.id, o.total)
+FROM crm.refund r JOIN crm.sales_order o ON o.id = r.order_id
+WHERE r.deleted_at IS NULL AND r.amount > o.total + 0.01;
+-- name: references_resolved_or_queued
+SELECT o.id::text, format('customer %s is neither in the CRM nor queued for fetching', o.customer_id)
+FROM crm.sales_order o
+WHERE o.customer_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM crm.customer c WHERE c.id = o.customer_id)
+  AND NOT EXISTS (SELECT 1 FROM sync.fetch_request f WHERE f.entity = 'customers' AND f.source_key = o.customer_id::text)
+UNION ALL
+SELECT l.id::text, format('product %s of line %s is neither in the CRM nor queued', l.product_id, l.id)
+FROM crm.sales_order_line l
+WHERE l.product_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM crm.product p WHERE p.id = l.product_id)
+  AND NOT EXISTS (SELECT 1 FROM sync.fetch_request f WHERE f.entity = 'products' AND f.source_key = l.product_id::text);
+-- name: categories_have_paths
+SELECT id::text, 'no path from a root (a cycle?)' FROM crm.product_category WHERE deleted_at IS NULL AND path = '';
+-- name: buyers_are_contacts
+SELECT o.id::text, 'order without a contact although it has a billing email'
+FROM crm.sales_order o JOIN crm.sales_order_address a ON a.order_id = o.id AND a.kind = 'billing'
+WHERE o.contact_id IS NULL AND COALESCE(a.email, '') <> '';
+-- name: no_unapplied_inbox_rows_left_behind
+SELECT entity || ':' || source_key, 'landed more than an hour ago and still not applied'
+FROM inbox.record WHERE applied_at IS NULL AND received_at < now() - interval '1 hour'
+  AND entity IN ('orders', 'customers', 'products', 'refunds', 'subscriptions', 'product_categories');

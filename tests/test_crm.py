@@ -1,0 +1,207 @@
+"""The CRM in 3NF against the sandbox's ground truth, computed here independently of the SQL."""
+
+from __future__ import annotations
+
+import html
+import random
+from collections import defaultdict
+from decimal import Decimal
+
+import psycopg
+import pytest
+
+from store_sync.detect import sync_entity
+from store_sync.migrations import migrate
+from store_sync.registry import entities, entity
+from store_sync.transform import run_checks, transform
+
+PROMOTED_ORDER_META = {"_download_permissions_granted", "_wc_order_attribution_source_type", "_tracking",
+                       "_subscription_renewal", "_subscription_switch"}
+
+
+def money(value) -> Decimal | None:
+    return None if value in (None, "") else Decimal(str(value))
+
+
+def text(value):
+    return None if value in (None, "") else html.unescape(value)
+
+
+@pytest.fixture(scope="module")
+def landed(crm_admin_dsn, sandbox_factory):
+    """A small store landed once into a database of its own (the transforms then run per test)."""
+    name = "crm_model_test"
+    with psycopg.connect(crm_admin_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    dsn = crm_admin_dsn.rpartition("/")[0] + "/" + name
+    migrate(dsn)
+    sandbox = sandbox_factory(size="small", seed=21)
+    client = sandbox.client()
+    # Some of the store changes after the first landing, so the inbox holds several versions.
+    for n in entities():
+        sync_entity(dsn, client, entity(n), "first")
+    for order in client.get("orders", {"status": "processing", "per_page": 20}):
+        client.put(f"orders/{order['id']}", {"status": "completed"})
+    trashed = client.get("orders", {"status": "pending", "per_page": 3})
+    for order in trashed:
+        client.request("DELETE", f"orders/{order['id']}")
+    import time
+
+    time.sleep(1.1)
+    sync_entity(dsn, client, entity("orders"), "second")
+    truth = {e: sandbox.export(e) for e in ("customers", "products", "categories", "orders", "refunds", "subscriptions")}
+    yield dsn, truth
+    with psycopg.connect(crm_admin_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def reset(dsn: str) -> None:
+    with psycopg.connect(dsn) as conn:
+        tables = [r[0] for r in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema='crm' AND table_type='BASE TABLE'")]
+        conn.execute("TRUNCATE " + ", ".join(f"crm.{t}" for t in tables) + ", sync.fetch_request CASCADE")
+        conn.execute("UPDATE inbox.record SET applied_at = NULL")
+        conn.execute(open(__file__.replace("tests/test_crm.py", "include/sql/migrations/0003_crm_model.sql")).read())
+
+
+def fingerprint(dsn: str) -> dict[str, str]:
+    """What the CRM says, independent of surrogate keys (contacts compared by email)."""
+    queries = {
+        "orders": "SELECT md5(string_agg(concat_ws('|', o.id, o.status, o.total, o.customer_id, c.email_norm, o.deleted_at, "
+                  "o.source_modified_at), ',' ORDER BY o.id)) FROM crm.sales_order o LEFT JOIN crm.contact c USING (contact_id)",
+        "lines": "SELECT md5(string_agg(concat_ws('|', id, order_id, product_id, quantity, total), ',' ORDER BY id)) "
+                 "FROM crm.sales_order_line",
+        "customers": "SELECT md5(string_agg(concat_ws('|', id, email, first_name, source_modified_at), ',' ORDER BY id)) "
+                     "FROM crm.customer",
+        "contacts": "SELECT md5(string_agg(concat_ws('|', email_norm, customer_id), ',' ORDER BY email_norm)) FROM crm.contact",
+        "subscriptions": "SELECT md5(string_agg(concat_ws('|', id, status, next_payment_date), ',' ORDER BY id)) "
+                         "FROM crm.subscription",
+        "relations": "SELECT md5(string_agg(concat_ws('|', subscription_id, order_id, relation), ',' "
+                     "ORDER BY subscription_id, order_id)) FROM crm.subscription_order",
+        "categories": "SELECT md5(string_agg(concat_ws('|', id, path), ',' ORDER BY id)) FROM crm.product_category",
+        "meta": "SELECT md5(string_agg(concat_ws('|', order_id, meta_id, key, value), ',' ORDER BY order_id, meta_id)) "
+                "FROM crm.sales_order_meta",
+    }
+    with psycopg.connect(dsn) as conn:
+        return {k: conn.execute(q).fetchone()[0] for k, q in queries.items()}
+
+
+def test_crm_matches_the_ground_truth(landed):
+    dsn, truth = landed
+    reset(dsn)
+    transform(dsn)
+    run_checks(dsn)
+    with psycopg.connect(dsn) as conn:
+        q = lambda sql, *a: conn.execute(sql, a).fetchall()  # noqa: E731
+
+        customers = {r[0]: r for r in q("SELECT id, email, first_name, last_name, date_created FROM crm.customer")}
+        for c in truth["customers"]:
+            row = customers[c["id"]]
+            assert (row[1], row[2], row[3]) == (c["email"], text(c["first_name"]), text(c["last_name"]))
+        addresses = {(r[0], r[1]): r[2:] for r in q("SELECT customer_id, kind, city, country_iso2, postcode FROM crm.customer_address")}
+        for c in truth["customers"]:
+            b = c["billing"]
+            if not any(b.values()):
+                assert (c["id"], "billing") not in addresses, "an empty address block is no address"
+                continue
+            assert addresses[(c["id"], "billing")] == (text(b["city"]), b["country"] or None, b["postcode"] or None)
+
+        cats = {c["id"]: c for c in truth["categories"]}
+
+        def path(cid):
+            c = cats[cid]
+            return (path(c["parent"]) + "/" if c["parent"] else "") + c["slug"]
+
+        paths = dict(q("SELECT id, path FROM crm.product_category"))
+        assert paths == {cid: path(cid) for cid in cats}
+        products = {r[0]: r[1:] for r in q("SELECT id, price, name, status FROM crm.product")}
+        links = defaultdict(set)
+        for pid, cid in q("SELECT product_id, category_id FROM crm.product_category_link"):
+            links[pid].add(cid)
+        for p in truth["products"]:
+            assert products[p["id"]] == (money(p["price"]), text(p["name"]), p["status"])
+            assert links[p["id"]] == {c["id"] for c in p["categories"]}
+
+        orders = {r[0]: r[1:] for r in q("SELECT id, status, total, customer_id, currency, deleted_at IS NOT NULL FROM crm.sales_order")}
+        lines = defaultdict(set)
+        for r in q("SELECT order_id, id, quantity, total, product_id FROM crm.sales_order_line"):
+            lines[r[0]].add(r[1:])
+        taxes = defaultdict(set)
+        for r in q("SELECT order_id, id, tax_total FROM crm.sales_order_tax"):
+            taxes[r[0]].add(r[1:])
+        meta = defaultdict(set)
+        for r in q("SELECT order_id, key FROM crm.sales_order_meta"):
+            meta[r[0]].add(r[1])
+        assert set(orders) == {o["id"] for o in truth["orders"]}
+        for o in truth["orders"]:
+            assert orders[o["id"]] == (o["status"], money(o["total"]), o["customer_id"] or None, o["currency"],
+                                       o["status"] == "trash"), o["id"]
+            assert lines[o["id"]] == {(li["id"], Decimal(li["quantity"]), money(li["total"]), li["product_id"] or None)
+                                      for li in o["line_items"]}
+            assert taxes[o["id"]] == {(t["id"], money(t["tax_total"])) for t in o["tax_lines"]}
+            assert meta[o["id"]] == {m["key"] for m in o["meta_data"]} - PROMOTED_ORDER_META, "every meta key kept"
+
+        refunds = {r[0]: r[1:] for r in q("SELECT id, order_id, amount FROM crm.refund")}
+        assert refunds == {r["id"]: (r["parent_id"], money(r["amount"])) for r in truth["refunds"]}
+
+        subs = {r[0]: r[1:] for r in q("SELECT id, status, billing_period, next_payment_date IS NULL FROM crm.subscription")}
+        assert subs == {s["id"]: (s["status"], s["billing_period"], s["next_payment_date_gmt"] == "") for s in truth["subscriptions"]}
+        relations = set(q("SELECT subscription_id, order_id, relation FROM crm.subscription_order"))
+        expected = {(s["id"], s["parent_id"], "parent") for s in truth["subscriptions"] if s["parent_id"]}
+        expected |= {(int(m["value"]), o["id"], "renewal") for o in truth["orders"] for m in o["meta_data"]
+                     if m["key"] == "_subscription_renewal"}
+        assert relations == expected
+
+        emails = {o["billing"]["email"].strip().lower() for o in truth["orders"] if o["billing"]["email"]}
+        emails |= {c["email"].lower() for c in truth["customers"]}
+        assert {r[0] for r in q("SELECT email_norm FROM crm.contact")} == emails
+        unapplied = q("SELECT count(*) FROM inbox.record WHERE applied_at IS NULL")[0][0]
+        assert unapplied == 0
+
+
+def test_transform_is_idempotent_and_order_independent(landed):
+    dsn, _ = landed
+    reset(dsn)
+    transform(dsn)
+    straight = fingerprint(dsn)
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE inbox.record SET applied_at = NULL")
+    transform(dsn)  # everything again: nothing may change
+    assert fingerprint(dsn) == straight
+    reset(dsn)
+    with psycopg.connect(dsn) as conn:
+        ids = [r[0] for r in conn.execute("SELECT inbox_id FROM inbox.record")]
+    random.Random(5).shuffle(ids)
+    for start in range(0, len(ids), 700):  # shuffled batches: orders before their customers, new before old
+        transform(dsn, only_inbox_ids=ids[start:start + 700])
+    assert fingerprint(dsn) == straight
+    run_checks(dsn)
+
+
+def test_missing_references_are_queued_not_fatal(landed):
+    dsn, _ = landed
+    reset(dsn)
+    transform(dsn, names=["orders"])  # orders before any customer or product
+    with psycopg.connect(dsn) as conn:
+        queued = dict(conn.execute("SELECT entity, count(*) FROM sync.fetch_request GROUP BY 1").fetchall())
+        orders = conn.execute("SELECT count(*) FROM crm.sales_order").fetchone()[0]
+    assert orders > 0 and queued.get("customers", 0) > 0 and queued.get("products", 0) > 0
+    run_checks(dsn)
+    transform(dsn)
+    with psycopg.connect(dsn) as conn:
+        waiting = conn.execute("SELECT count(*) FROM sync.fetch_request WHERE fetched_at IS NULL").fetchone()[0]
+    assert waiting == 0, "records that arrived close their fetch requests"
+
+
+def test_a_failed_check_names_the_rows(landed):
+    from store_sync.transform import CheckFailed
+
+    dsn, _ = landed
+    reset(dsn)
+    transform(dsn)
+    with psycopg.connect(dsn) as conn:
+        victim = conn.execute("SELECT id FROM crm.sales_order WHERE deleted_at IS NULL ORDER BY id LIMIT 1").fetchone()[0]
+        conn.execute("UPDATE crm.sales_order SET total = total + 100 WHERE id = %s", (victim,))
+    with pytest.raises(CheckFailed, match=rf"order_totals_add_up: 1 rows, e.g. {victim}: total"):
+        run_checks(dsn)
