@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export PYTHONPATH := $(CURDIR)/plugins:$(CURDIR)
 
-.PHONY: install test lint demo sandbox crm-db crm-db-stop bench clean lock
+.PHONY: install test lint demo reconcile sandbox crm-db crm-db-stop bench clean lock
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ lint: install
 demo: install
 	$(BIN)/python -m store_sync.demo $(ARGS)
 
+## Compare the CRM with the store (the demo's sandbox, or AIRFLOW_CONN_STORE_API / CRM_DATABASE_URL); exit 1 on differences.
+reconcile: install
+	$(BIN)/python -m store_sync.reconcile $(ARGS)
+
 sandbox: install
 	$(BIN)/python -m sandbox serve $(ARGS)
 
@@ -39,6 +43,8 @@ crm-db-stop: install
 
 bench: install
 	$(BIN)/python bench/sandbox_throughput.py $(ARGS)
+	$(BIN)/python bench/landing.py --skip-large
+	$(BIN)/python bench/freshness.py
 
 ## Re-resolve the pinned requirements from the top-level list in requirements.in.
 lock:

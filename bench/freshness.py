@@ -9,7 +9,7 @@ api-server, scheduler, dag-processor and triggerer with the DAGs unpaused. After
 records at least --changes changes (the simulator logs each with its exact time) and matches each
 to the first inbox row written after it that carries it. It prints p50 / p95 / max per entity and
 where the time goes: from the change to the start of the landing task (trigger poll, sensor resume,
-scheduling) and from there to the row.
+scheduling), from there to the inbox row, and on to the CRM row (when the transform applied it).
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def main() -> int:
         with psycopg.connect(crm) as conn:
             for c in changes:
                 hit = conn.execute(
-                    "SELECT extract(epoch FROM r.received_at), extract(epoch FROM l.started_at) FROM inbox.record r "
+                    "SELECT extract(epoch FROM r.received_at), extract(epoch FROM l.started_at), "
+                    "extract(epoch FROM r.applied_at) FROM inbox.record r "
                     "LEFT JOIN sync.landing_run l ON l.run_id = r.run_id AND l.entity = r.entity "
                     "WHERE r.entity=%s AND r.source_key=%s AND r.received_at >= to_timestamp(%s) "
                     "AND (r.source_modified_at IS NULL OR r.source_modified_at >= to_timestamp(floor(%s))) "
@@ -115,20 +116,26 @@ def main() -> int:
         print(f"\n{len(changes)} changes in {end - start:.0f}s ({len(changes) / (end - start):.1f}/s); seconds from the "
               f"change in the store to its row in inbox.record:")
         print(f"{'entity':<14} {'n':>4} {'landed':>6} {'p50':>6} {'p95':>6} {'max':>6} | {'to land start p50':>17} "
-              f"{'landing p50':>11}")
-        every = []
+              f"{'landing p50':>11} | {'to CRM row p50':>14} {'p95':>6}")
+        every, every_crm = [], []
         for entity in tracked:
             mine = [(c, h) for e, c, h in rows if e == entity]
             ok = [(c, h) for c, h in mine if h]
             total = [float(h[0]) - c["t"] for c, h in ok]
             detect = [float(h[1]) - c["t"] for c, h in ok if h[1] is not None]
             land = [float(h[0]) - float(h[1]) for c, h in ok if h[1] is not None]
+            crm = [float(h[2]) - c["t"] for c, h in ok if h[2] is not None]
             every += total
+            every_crm.extend(crm)
             if mine:
                 print(f"{entity:<14} {len(mine):>4} {len(ok):>6} {pct(total, .5):>6.2f} {pct(total, .95):>6.2f} "
-                      f"{max(total, default=float('nan')):>6.2f} | {pct(detect, .5):>17.2f} {pct(land, .5):>11.2f}")
+                      f"{max(total, default=float('nan')):>6.2f} | {pct(detect, .5):>17.2f} {pct(land, .5):>11.2f} | "
+                      f"{pct(crm, .5):>14.2f} {pct(crm, .95):>6.2f}")
         print(f"{'all':<14} {len(rows):>4} {len(every):>6} {pct(every, .5):>6.2f} {pct(every, .95):>6.2f} "
               f"{max(every, default=float('nan')):>6.2f}   (target: p95 <= 5 s)")
+        print(f"to the CRM row (crm_transform, on the inbox Assets): p50 {pct(every_crm, .5):.2f}s, "
+              f"p95 {pct(every_crm, .95):.2f}s, max {max(every_crm, default=float('nan')):.2f}s "
+              f"({len(every_crm)} of {len(rows)} applied within the tail)")
         missing = [(e, c) for e, c, h in rows if not h]
         if missing:
             print(f"not landed within the tail: {len(missing)}, e.g. {missing[:3]}")

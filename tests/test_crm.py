@@ -51,7 +51,7 @@ def landed(crm_admin_dsn, sandbox_factory):
     time.sleep(1.1)
     sync_entity(dsn, client, entity("orders"), "second")
     truth = {e: sandbox.export(e) for e in ("customers", "products", "categories", "orders", "refunds", "subscriptions")}
-    yield dsn, truth
+    yield dsn, truth, sandbox
     with psycopg.connect(crm_admin_dsn, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
@@ -88,7 +88,7 @@ def fingerprint(dsn: str) -> dict[str, str]:
 
 
 def test_crm_matches_the_ground_truth(landed):
-    dsn, truth = landed
+    dsn, truth, _ = landed
     reset(dsn)
     transform(dsn)
     run_checks(dsn)
@@ -161,7 +161,7 @@ def test_crm_matches_the_ground_truth(landed):
 
 
 def test_transform_is_idempotent_and_order_independent(landed):
-    dsn, _ = landed
+    dsn, _, _ = landed
     reset(dsn)
     transform(dsn)
     straight = fingerprint(dsn)
@@ -180,7 +180,7 @@ def test_transform_is_idempotent_and_order_independent(landed):
 
 
 def test_missing_references_are_queued_not_fatal(landed):
-    dsn, _ = landed
+    dsn, _, _ = landed
     reset(dsn)
     transform(dsn, names=["orders"])  # orders before any customer or product
     with psycopg.connect(dsn) as conn:
@@ -197,7 +197,7 @@ def test_missing_references_are_queued_not_fatal(landed):
 def test_a_failed_check_names_the_rows(landed):
     from store_sync.transform import CheckFailed
 
-    dsn, _ = landed
+    dsn, _, _ = landed
     reset(dsn)
     transform(dsn)
     with psycopg.connect(dsn) as conn:
@@ -205,3 +205,25 @@ def test_a_failed_check_names_the_rows(landed):
         conn.execute("UPDATE crm.sales_order SET total = total + 100 WHERE id = %s", (victim,))
     with pytest.raises(CheckFailed, match=rf"order_totals_add_up: 1 rows, e.g. {victim}: total"):
         run_checks(dsn)
+
+
+def test_reconcile_finds_what_differs(landed, monkeypatch, capsys):
+    from store_sync import reconcile
+
+    dsn, truth, sandbox = landed
+    reset(dsn)
+    transform(dsn)
+    client = sandbox.client()
+    assert all(r.ok for r in reconcile.reconcile(dsn, client)), reconcile.render(reconcile.reconcile(dsn, client))
+    with psycopg.connect(dsn) as conn:
+        changed, gone = [r[0] for r in conn.execute(
+            "SELECT id FROM crm.sales_order WHERE deleted_at IS NULL ORDER BY id LIMIT 2")]
+        conn.execute("UPDATE crm.sales_order SET status = 'cancelled' WHERE id = %s", (changed,))
+        conn.execute("DELETE FROM crm.sales_order WHERE id = %s", (gone,))
+    monkeypatch.setenv("CRM_DATABASE_URL", dsn)
+    monkeypatch.setenv("AIRFLOW_CONN_STORE_API", f'{{"conn_type": "http", "host": "{sandbox.url}", '
+                                                 '"login": "ck_sandbox", "password": "cs_sandbox"}')
+    assert reconcile.main(["--entity", "orders"]) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERENT" in out and f"{gone}" in out and "1 missing in the CRM" in out
+    assert f"{changed}: status: store " in out and "CRM 'cancelled'" in out

@@ -7,8 +7,8 @@
 * Airflow 3.3 (api-server, scheduler, dag-processor, triggerer) with the DAGs unpaused.
 
 It prints the UI address and login, then runs until Ctrl-C and stops everything it started.
-``--once`` runs one landing cycle of every entity headless (the DAG tasks' own code), prints the
-row counts and exits 0.
+``--once`` runs one full cycle headless with the DAG tasks' own code (land every entity, transform,
+check), prints the row count of every CRM table and exits 0.
 """
 
 from __future__ import annotations
@@ -57,14 +57,6 @@ def wait_for_signal() -> None:
     print("Stopping what the demo started…")
 
 
-def inbox_counts(dsn: str) -> list[tuple]:
-    import psycopg
-
-    with psycopg.connect(dsn) as conn:
-        return conn.execute("SELECT entity, count(DISTINCT source_key), count(*) FROM inbox.record "
-                            "GROUP BY entity ORDER BY entity").fetchall()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--once", action="store_true", help="one landing cycle of every entity, print counts, exit")
@@ -111,9 +103,14 @@ def main(argv: list[str] | None = None) -> int:
                 counts = land_entity(name, f"demo-once-{int(time.time())}")
                 print(f"  landed {name:<22} read {counts['read']:>6}  new {counts['landed']:>6}  "
                       f"quarantined {counts['quarantined']}")
-            print("Inbox (records, versions):")
-            for entity, records, versions in inbox_counts(crm):
-                print(f"  inbox.record[{entity}]: {records} records, {versions} versions")
+            from store_sync.transform import run_checks, table_counts, transform
+
+            for step in transform(crm):
+                print(f"  applied {step['step']:<26} {step['inbox_rows']:>6} inbox rows in {step['seconds']:.2f}s")
+            run_checks(crm)
+            print("CRM tables (rows):")
+            for table, rows in table_counts(crm):
+                print(f"  crm.{table:<24} {rows:>8}")
             return 0
 
         from store_sync.stack import AirflowStack, metadata_url_for

@@ -23,6 +23,7 @@ class Entity:
     schema: str
     cursor: str | None = None
     transform: str | None = None
+    reconcile: dict | None = None
     statuses: tuple = (None,)
     params: dict = field(default_factory=dict)
     poll_seconds: float = 1
