@@ -38,10 +38,12 @@ def dagbag(airflow_home):
 def wired(crm_dsn, monkeypatch):
     """Point the package's two connections at a sandbox and a fresh CRM database."""
 
-    def wire(sandbox):
+    def wire(sandbox, **extra):
+        import json
+
         monkeypatch.setenv("CRM_DATABASE_URL", crm_dsn)
-        monkeypatch.setenv("AIRFLOW_CONN_STORE_API", f'{{"conn_type": "http", "host": "{sandbox.url}", '
-                                                     '"login": "ck_sandbox", "password": "cs_sandbox"}')
+        monkeypatch.setenv("AIRFLOW_CONN_STORE_API", json.dumps({
+            "conn_type": "http", "host": sandbox.url, "login": "ck_sandbox", "password": "cs_sandbox", "extra": extra}))
         return crm_dsn
 
     return wire
@@ -167,3 +169,28 @@ def test_watch_dag_defers_then_lands_a_change_made_while_it_waits(dagbag, wired,
         assert dag.test().state == "success"
     landed = latest(dsn, "orders")[str(order["id"])][0]
     assert landed["status"] == "completed"
+
+
+def test_changes_and_faults_through_airflow_lose_nothing(dagbag, wired, sandbox_factory, monkeypatch):
+    """Simulator at 40 changes/s, 429s, 5xx, truncated bodies and pages shifting under the reader."""
+    import time
+
+    faulty = sandbox_factory(size="tiny", seed=16, extra=[
+        "--changes-per-second", "40", "--faults", "429=0.05,500=0.05,502=0.02,truncated=0.03,shift=0.3",
+        "--slow-seconds", "0.05"])
+    dsn = wired(faulty, requests_per_second=100, max_retries=15)
+    monkeypatch.setenv("AIRFLOW_VAR_STORE_SYNC_OVERRIDES", '{"orders": {"per_page": 7}}')  # many pages to shift
+    dag = dagbag.get_dag("store_watch_orders")
+    runs, deadline = 0, time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert dag.test().state == "success"
+        runs += 1
+    faulty.stop()  # the shop goes quiet; one more cycle must catch up with everything
+    quiet = sandbox_factory(size="tiny", seed=16, fresh=False, db=faulty.db, port=faulty.port)
+    time.sleep(1.1)
+    assert dag.test().state == "success"
+    assert runs >= 3
+    assert_inbox_matches_truth(dsn, quiet, "orders")
+    with psycopg.connect(dsn) as conn:
+        retries = conn.execute("SELECT sum(retries) FROM sync.landing_run").fetchone()[0]
+    assert retries > 0, "the faults were there and the landings retried through them"

@@ -17,18 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow.sdk import BaseOperator, Variable
+from airflow.sdk import BaseOperator
 
+from store_sync.tasks import overrides
 from store_sync.triggers import StoreChangeTrigger
-
-
-def overrides(entity: str) -> dict:
-    """Per-entity poll settings from the Airflow Variable ``store_sync_overrides`` (JSON), read at run time."""
-    try:
-        every = Variable.get("store_sync_overrides", default={}, deserialize_json=True) or {}
-    except Exception:  # no Variable backend reachable (e.g. a bare test): registry defaults apply
-        every = {}
-    return {**every.get("*", {}), **every.get(entity, {})}
 
 
 class LandStoreChangesOperator(BaseOperator):

@@ -4,6 +4,20 @@ from __future__ import annotations
 
 from store_sync.crm_database import EmbeddedPostgres, configured_dsn
 
+# What the Variable store_sync_overrides may change per entity at run time ("*" applies to all).
+TUNABLE = ("poll_seconds", "max_quiet_seconds", "per_page", "overlap_seconds", "settle_seconds")
+
+
+def overrides(entity: str) -> dict:
+    """Per-entity settings from the Airflow Variable ``store_sync_overrides`` (JSON), read at run time."""
+    try:
+        from airflow.sdk import Variable
+
+        every = Variable.get("store_sync_overrides", default={}, deserialize_json=True) or {}
+    except Exception:  # no Variable backend reachable (a bare script): the registry's values apply
+        every = {}
+    return {k: v for k, v in {**every.get("*", {}), **every.get(entity, {})}.items() if k in TUNABLE}
+
 
 def crm_dsn() -> str:
     return configured_dsn() or EmbeddedPostgres().dsn()
@@ -11,14 +25,20 @@ def crm_dsn() -> str:
 
 def land_entity(entity_name: str, run_id: str, mode: str = "live", store_conn_id: str = "store_api") -> dict:
     """Migrate if needed, then land one cycle of one entity; returns the counts (small: safe for XCom)."""
+    import dataclasses
+
     from store_sync.detect import sync_entity
     from store_sync.hooks import StoreApiHook
     from store_sync.migrations import migrate
     from store_sync.registry import entity
 
+    spec = entity(entity_name)
+    tweaks = {k: v for k, v in overrides(entity_name).items() if k in ("per_page", "overlap_seconds", "settle_seconds")}
+    if tweaks:
+        spec = dataclasses.replace(spec, **tweaks)
     dsn = crm_dsn()
     migrate(dsn)
-    return sync_entity(dsn, StoreApiHook(store_conn_id).get_client(), entity(entity_name), run_id, mode=mode)
+    return sync_entity(dsn, StoreApiHook(store_conn_id).get_client(), spec, run_id, mode=mode)
 
 
 def reconcile_entity(entity_name: str, run_id: str, store_conn_id: str = "store_api") -> dict:

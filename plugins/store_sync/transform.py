@@ -64,6 +64,8 @@ def transform(dsn: str, names: list[str] | None = None, batch_rows: int = 20_000
             wanted = [n for n in step_entities if names is None or n in names]
             if wanted:
                 out.append(run_step(conn, sql_file, wanted, batch_rows, only_inbox_ids))
+                log.info("%s: %d inbox rows applied in %d batches, %.2fs", sql_file, out[-1]["inbox_rows"],
+                         out[-1]["batches"], out[-1]["seconds"])
     return out
 
 

@@ -22,12 +22,12 @@ CREATE OR REPLACE FUNCTION crm.html_text(t text) RETURNS text LANGUAGE sql IMMUT
 $$;
 
 -- Money arrives as strings; empty means unknown.
-CREATE OR REPLACE FUNCTION crm.money(t text) RETURNS numeric LANGUAGE sql IMMUTABLE AS $$
+CREATE OR REPLACE FUNCTION crm.money(t text) RETURNS numeric LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN t IS NULL OR btrim(t) = '' THEN NULL ELSE t::numeric END
 $$;
 
 -- GMT strings without offset ('' for unset subscription dates) to timestamptz.
-CREATE OR REPLACE FUNCTION crm.gmt(t text) RETURNS timestamptz LANGUAGE sql IMMUTABLE AS $$
+CREATE OR REPLACE FUNCTION crm.gmt(t text) RETURNS timestamptz LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN t IS NULL OR t = '' THEN NULL ELSE (replace(t, 'T', ' ') || '+00')::timestamptz END
 $$;
 
@@ -250,6 +250,6 @@ BEGIN
 END $$;
 
 -- A meta value by key from a meta_data array.
-CREATE OR REPLACE FUNCTION crm.meta(meta jsonb, k text) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
-    SELECT m->'value' FROM jsonb_array_elements(COALESCE(meta, '[]')) m WHERE m->>'key' = k LIMIT 1
+CREATE OR REPLACE FUNCTION crm.meta(meta jsonb, k text) RETURNS jsonb LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT jsonb_path_query_first(meta, '$[*] ? (@.key == $k).value', jsonb_build_object('k', k))
 $$;
