@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -12,6 +17,32 @@ import urllib3
 from tests.helpers import SandboxProcess
 
 urllib3.disable_warnings()
+
+# Airflow reads its configuration once, at first import: point it at a private home before any test
+# (or anything a test imports) touches it.
+AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="airflow-home-"))
+os.environ.update({
+    "AIRFLOW_HOME": str(AIRFLOW_HOME),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__CORE__DAGS_FOLDER": str(Path(__file__).resolve().parents[1] / "dags"),
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{AIRFLOW_HOME}/airflow.db",
+})
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """Airflow's metadata database, migrated once per session, with the package's pools."""
+    from store_sync.dag_defaults import POOLS
+
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=os.environ)
+    for pool, (slots, description) in POOLS.items():
+        subprocess.run([sys.executable, "-m", "airflow", "pools", "set", pool, str(slots), description], check=True,
+                       capture_output=True, env=os.environ)
+    return AIRFLOW_HOME
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(AIRFLOW_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -41,8 +41,9 @@ def landed(crm_admin_dsn, sandbox_factory):
     # Some of the store changes after the first landing, so the inbox holds several versions.
     for n in entities():
         sync_entity(dsn, client, entity(n), "first")
-    for order in client.get("orders", {"status": "processing", "per_page": 20}):
-        client.put(f"orders/{order['id']}", {"status": "completed"})
+    changed = [o["id"] for o in client.get("orders", {"status": "processing", "per_page": 20})]
+    for order_id in changed:
+        client.put(f"orders/{order_id}", {"status": "completed"})
     trashed = client.get("orders", {"status": "pending", "per_page": 3})
     for order in trashed:
         client.request("DELETE", f"orders/{order['id']}")
@@ -50,7 +51,9 @@ def landed(crm_admin_dsn, sandbox_factory):
 
     time.sleep(1.1)
     sync_entity(dsn, client, entity("orders"), "second")
-    truth = {e: sandbox.export(e) for e in ("customers", "products", "categories", "orders", "refunds", "subscriptions")}
+    truth = {e: sandbox.export(e) for e in ("customers", "products", "variations", "categories", "orders", "refunds",
+                                            "subscriptions")}
+    truth["notes"] = {i: client.get(f"orders/{i}/notes") for i in changed}
     yield dsn, truth, sandbox
     with psycopg.connect(crm_admin_dsn, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -122,6 +125,16 @@ def test_crm_matches_the_ground_truth(landed):
         for p in truth["products"]:
             assert products[p["id"]] == (money(p["price"]), text(p["name"]), p["status"])
             assert links[p["id"]] == {c["id"] for c in p["categories"]}
+        variations = dict(q("SELECT id, parent_id FROM crm.product WHERE type = 'variation'"))
+        assert variations == {v["id"]: v["parent_id"] for v in truth["variations"]}
+
+        # Notes of the orders that changed after the first load (the first load reads no notes).
+        notes = defaultdict(set)
+        for r in q("SELECT order_id, id, note, is_customer_note FROM crm.sales_order_note"):
+            notes[r[0]].add(r[1:])
+        assert truth["notes"] and any("Processing to Completed" in n["note"] for ns in truth["notes"].values() for n in ns)
+        for order_id, expected_notes in truth["notes"].items():
+            assert notes[order_id] == {(n["id"], text(n["note"]), n["customer_note"]) for n in expected_notes}
 
         orders = {r[0]: r[1:] for r in q("SELECT id, status, total, customer_id, currency, deleted_at IS NOT NULL FROM crm.sales_order")}
         lines = defaultdict(set)

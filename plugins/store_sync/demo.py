@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             from store_sync.registry import entities
             from store_sync.tasks import land_entity
 
-            for name in entities():
+            for name, spec in entities().items():
+                if spec.strategy == "children":
+                    continue  # landed with their parents
                 counts = land_entity(name, f"demo-once-{int(time.time())}")
                 print(f"  landed {name:<22} read {counts['read']:>6}  new {counts['landed']:>6}  "
                       f"quarantined {counts['quarantined']}")

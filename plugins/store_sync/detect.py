@@ -76,6 +76,8 @@ def sync_entity(dsn: str, client: StoreClient, entity: Entity, run_id: str, *, m
             window_to = id_scan(dsn, client, entity, run, full=mode != "live")
         elif entity.strategy == "snapshot":
             window_to = snapshot(dsn, client, entity, run)
+        elif entity.strategy == "children":
+            window_to = now_utc()  # landed with their parents (the parent entity's `children`)
         else:
             raise ValueError(f"{entity.name}: unknown strategy {entity.strategy!r}")
     except Exception as exc:
@@ -113,8 +115,11 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
             last_status = index == len(statuses) - 1
             # The next page is fetched while this one lands: reading and writing overlap.
             for page, next_lo, final in prefetched(keyset_pages(client, entity, status, first_lo, t0)):
+                children = fetch_children(client, entity, page, first_load=live and cursor is None)
                 with conn.transaction():
                     run.add(land_page(conn, entity, page, run.run_id))
+                    for child, prefix, records in children:
+                        run.add(land_page(conn, child, records, run.run_id, key_prefix=prefix))
                     done = final and last_status
                     new_progress = None if done else {"t0": fmt(t0), "status_index": index + (1 if final else 0),
                                                       "lo": fmt(next_lo) if (next_lo and not final) else None}
@@ -158,6 +163,26 @@ def prefetched(pages: Iterator, depth: int = 1) -> Iterator:
             yield item
     finally:
         stop.set()
+
+
+def fetch_children(client: StoreClient, entity: Entity, page: list[dict], first_load: bool) -> list[tuple]:
+    """Records that live under the page's records (variations, order notes): (entity, key prefix, records)."""
+    from store_sync.registry import entity as registry_entity
+
+    out = []
+    for spec in entity.children:
+        if spec.get("live_only") and first_load:
+            continue
+        child = registry_entity(spec["entity"])
+        for parent in page:
+            if any(parent.get(k) != v for k, v in (spec.get("when") or {}).items()) or parent.get("status") == "trash":
+                continue
+            endpoint = spec["endpoint"].format(id=parent[entity.key])
+            records = (list(client.iter_records(endpoint, {}, entity.per_page)) if spec.get("paged")
+                       else client.get(endpoint))
+            prefix = "" if child.name == entity.name else f"{parent[entity.key]}:"
+            out.append((child, prefix, records))
+    return out
 
 
 def keyset_pages(client: StoreClient, entity: Entity, status: str | None, lo: datetime | None,
@@ -325,7 +350,11 @@ def reconcile_deletes(dsn: str, client: StoreClient, entity: Entity, run_id: str
         for page in client.iter_pages(entity.endpoint, params, entity.per_page):
             in_store.update(str(r["id"]) for r in page.records)
     with psycopg.connect(dsn) as conn, conn.transaction():
-        gone = set(landed_keys(conn, entity.name)) - in_store
+        # Records landed as children of their own entity (variations) are not in its list: not gone.
+        children = {r[0] for r in conn.execute(
+            "SELECT DISTINCT source_key FROM inbox.record WHERE entity=%s AND (payload->>'parent_id')::bigint > 0 "
+            "AND payload->>'type' = 'variation'", (entity.name,))}
+        gone = set(landed_keys(conn, entity.name)) - in_store - children
         if gone:
             run.add(land_deletes(conn, entity, gone, run_id))
     return run.finish("success", 0)

@@ -40,7 +40,7 @@ class PageResult:
 
 
 def land_page(conn: psycopg.Connection, entity: Entity, records: Iterable[dict], run_id: str,
-              deletes: bool = False) -> PageResult:
+              deletes: bool = False, key_prefix: str = "") -> PageResult:
     """Land one page inside the caller's transaction."""
     result = PageResult()
     good: list[tuple] = []
@@ -55,6 +55,7 @@ def land_page(conn: psycopg.Connection, entity: Entity, records: Iterable[dict],
         if reason is not None:
             bad.append((entity.name, None if key is None else str(key), reason, json.dumps(record), run_id))
             continue
+        key = f"{key_prefix}{key}"
         text = canonical(record)
         digest = hashlib.md5(text.encode()).hexdigest()
         if (str(key), digest) in seen:

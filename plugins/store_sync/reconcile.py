@@ -66,10 +66,12 @@ def reconcile_entity(dsn: str, client: StoreClient, spec: Entity, show: int = 10
                 modified = r.get(spec.cursor) if spec.cursor else None
                 store[str(r["id"])] = (modified, tuple(norm(r.get(f)) for f in fields))
     columns = ", ".join(fields.values())
+    # Trashed records are still listed by the store (status=trash): only hard deletes count as gone.
+    gone = "deleted_at IS NOT NULL AND status IS DISTINCT FROM 'trash'" if "status" in fields.values() else \
+        "deleted_at IS NOT NULL"
+    where = f"WHERE {cfg['where']}" if cfg.get("where") else ""
     with psycopg.connect(dsn) as conn:
-        rows = conn.execute(f"SELECT id, source_modified_at, deleted_at IS NOT NULL AND status IS DISTINCT FROM 'trash', "
-                            f"{columns} FROM {cfg['table']}" if "status" in fields.values() else
-                            f"SELECT id, source_modified_at, deleted_at IS NOT NULL, {columns} FROM {cfg['table']}").fetchall()
+        rows = conn.execute(f"SELECT id, source_modified_at, {gone}, {columns} FROM {cfg['table']} {where}").fetchall()
     crm = {str(r[0]): (r[1], r[2], tuple(norm(v) for v in r[3:])) for r in rows}
     live_crm = {k: v for k, v in crm.items() if not v[1]}
     report.store_count, report.crm_count = len(store), len(live_crm)

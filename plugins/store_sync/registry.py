@@ -24,6 +24,7 @@ class Entity:
     cursor: str | None = None
     transform: str | None = None
     reconcile: dict | None = None
+    children: tuple = ()
     statuses: tuple = (None,)
     params: dict = field(default_factory=dict)
     poll_seconds: float = 1
@@ -68,8 +69,9 @@ def entities() -> dict[str, Entity]:
     out = {}
     for name, spec in doc["entities"].items():
         merged = {**defaults, **spec}
-        if "statuses" in merged:
-            merged["statuses"] = tuple(merged["statuses"])
+        for listed in ("statuses", "children"):
+            if listed in merged:
+                merged[listed] = tuple(merged[listed])
         out[name] = Entity(name=name, **merged)
     return out
 

@@ -1,0 +1,12 @@
+-- Order notes (keys are "<order id>:<note id>"); a note never changes, it is only added or deleted.
+CREATE TEMP TABLE b ON COMMIT DROP AS SELECT * FROM sync.batch_versions('order_notes');
+INSERT INTO crm.sales_order_note (id, order_id, author, note, is_customer_note, date_created, deleted_at,
+                                  landed_run_id, landed_inbox_id)
+SELECT split_part(source_key, ':', 2)::bigint, split_part(source_key, ':', 1)::bigint, payload->>'author',
+       crm.html_text(payload->>'note'), COALESCE((payload->>'customer_note')::boolean, false),
+       crm.gmt(payload->>'date_created_gmt'), CASE WHEN gone THEN clock_timestamp() END, run_id, inbox_id
+FROM b WHERE NOT gone
+ON CONFLICT (id) DO UPDATE SET note = EXCLUDED.note, author = EXCLUDED.author,
+    is_customer_note = EXCLUDED.is_customer_note, landed_run_id = EXCLUDED.landed_run_id,
+    landed_inbox_id = EXCLUDED.landed_inbox_id
+WHERE crm.sales_order_note.landed_inbox_id < EXCLUDED.landed_inbox_id;
