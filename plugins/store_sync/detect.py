@@ -115,7 +115,7 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
             last_status = index == len(statuses) - 1
             # The next page is fetched while this one lands: reading and writing overlap.
             for page, next_lo, final in prefetched(keyset_pages(client, entity, status, first_lo, t0)):
-                children = fetch_children(client, entity, page, first_load=live and cursor is None)
+                children = fetch_children(client, entity, page, live_cycle=live and cursor is not None)
                 with conn.transaction():
                     run.add(land_page(conn, entity, page, run.run_id))
                     for child, prefix, records in children:
@@ -165,13 +165,16 @@ def prefetched(pages: Iterator, depth: int = 1) -> Iterator:
         stop.set()
 
 
-def fetch_children(client: StoreClient, entity: Entity, page: list[dict], first_load: bool) -> list[tuple]:
-    """Records that live under the page's records (variations, order notes): (entity, key prefix, records)."""
+def fetch_children(client: StoreClient, entity: Entity, page: list[dict], live_cycle: bool) -> list[tuple]:
+    """Records that live under the page's records (variations, order notes): (entity, key prefix, records).
+
+    ``live_only`` children (one request per parent) are read in live cycles after the first load only:
+    a first load or a backfill of every order's notes would cost the store one request per order."""
     from store_sync.registry import entity as registry_entity
 
     out = []
     for spec in entity.children:
-        if spec.get("live_only") and first_load:
+        if spec.get("live_only") and not live_cycle:
             continue
         child = registry_entity(spec["entity"])
         for parent in page:
