@@ -99,7 +99,7 @@ def main() -> int:
             print(f"{n} orders rendered as the API shows them in {time.perf_counter() - t0:.0f}s "
                   f"({size / n:.0f} bytes each) from {store_path.name}")
             with psycopg.connect(dsn) as conn:
-                conn.execute("CREATE UNLOGGED TABLE raw_copy (LIKE inbox.record)")
+                conn.execute(f"CREATE UNLOGGED TABLE raw_copy AS SELECT {COLUMNS} FROM inbox.record WITH NO DATA")
             raw = copy_file(dsn, "raw_copy", rows_file)
             inbox = copy_file(dsn, "inbox.record", rows_file)
         with psycopg.connect(dsn) as conn:
