@@ -27,7 +27,15 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 
 from store_sync.client import StoreClient
-from store_sync.landing import PageResult, RunRecord, get_watermark, land_page, parse_gmt, set_watermark
+from store_sync.landing import (
+    PageResult,
+    RunRecord,
+    already_landed,
+    get_watermark,
+    land_page,
+    parse_gmt,
+    set_watermark,
+)
 from store_sync.registry import Entity
 
 log = logging.getLogger(__name__)
@@ -108,14 +116,20 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
     else:
         lo = since
     statuses = list(entity.statuses)
-    with psycopg.connect(dsn) as conn:
+    # autocommit: each page's `transaction()` must commit on its own, whatever ran between them.
+    with psycopg.connect(dsn, autocommit=True) as conn:
         for index in range(start_status, len(statuses)):
             status = statuses[index]
             first_lo = resume_lo if (index == start_status and resume_lo) else lo
             last_status = index == len(statuses) - 1
             # The next page is fetched while this one lands: reading and writing overlap.
             for page, next_lo, final in prefetched(keyset_pages(client, entity, status, first_lo, t0)):
-                children = fetch_children(client, entity, page, live_cycle=live and cursor is not None)
+                # Children only for parents that changed, not for those the overlap re-reads.
+                fresh = page
+                if entity.children:
+                    known = already_landed(conn, entity, page)
+                    fresh = [r for r in page if str(r.get(entity.key)) not in known]
+                children = fetch_children(client, entity, fresh, live_cycle=live and cursor is not None)
                 with conn.transaction():
                     run.add(land_page(conn, entity, page, run.run_id))
                     for child, prefix, records in children:

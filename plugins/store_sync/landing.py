@@ -56,8 +56,7 @@ def land_page(conn: psycopg.Connection, entity: Entity, records: Iterable[dict],
             bad.append((entity.name, None if key is None else str(key), reason, json.dumps(record), run_id))
             continue
         key = f"{key_prefix}{key}"
-        text = canonical(record)
-        digest = hashlib.md5(text.encode()).hexdigest()
+        text, digest = fingerprint(record)
         if (str(key), digest) in seen:
             continue  # the same payload twice on one page (a shifted page): once is enough
         seen.add((str(key), digest))
@@ -85,6 +84,23 @@ def land_page(conn: psycopg.Connection, entity: Entity, records: Iterable[dict],
                 copy.write_row(row)
         result.quarantined = len(bad)
     return result
+
+
+def fingerprint(record: dict) -> tuple[str, str]:
+    """(canonical JSON, its md5): what the inbox stores and how it tells versions apart."""
+    text = canonical(record)
+    return text, hashlib.md5(text.encode()).hexdigest()
+
+
+def already_landed(conn: psycopg.Connection, entity: Entity, records: list[dict]) -> set[str]:
+    """Keys of the records whose exact payload is already in the inbox (re-read by an overlap)."""
+    pairs = [(str(r.get(entity.key)), fingerprint(r)[1]) for r in records if isinstance(r, dict)]
+    if not pairs:
+        return set()
+    rows = conn.execute("SELECT source_key FROM inbox.record WHERE entity = %s AND (source_key, payload_hash) IN "
+                        "(SELECT * FROM unnest(%s::text[], %s::text[]))",
+                        (entity.name, [k for k, _ in pairs], [h for _, h in pairs])).fetchall()
+    return {r[0] for r in rows}
 
 
 def set_watermark(conn: psycopg.Connection, entity: str, cursor_at: datetime | None, run_id: str,

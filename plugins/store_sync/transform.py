@@ -59,7 +59,7 @@ def run_step(conn: psycopg.Connection, sql_file: str, names: list[str], batch_ro
 def transform(dsn: str, names: list[str] | None = None, batch_rows: int = 20_000,
               only_inbox_ids: list[int] | None = None) -> list[dict]:
     out = []
-    with psycopg.connect(dsn) as conn:
+    with psycopg.connect(dsn, autocommit=True) as conn:  # each batch's transaction() commits on its own
         for sql_file, step_entities in steps():
             wanted = [n for n in step_entities if names is None or n in names]
             if wanted:
