@@ -1,13 +1,5 @@
 -- Customers, their two addresses, their other meta; contacts linked by normalised email.
-CREATE TEMP TABLE b ON COMMIT DROP AS SELECT * FROM sync.batch_versions('customers');
-DELETE FROM b USING crm.customer c
-WHERE NOT b.gone AND c.id = b.source_key::bigint
-  AND (c.source_modified_at, c.landed_inbox_id) > (b.source_modified_at, b.inbox_id);
-
-UPDATE crm.customer c SET deleted_at = COALESCE(c.deleted_at, clock_timestamp()), landed_run_id = b.run_id,
-       landed_inbox_id = b.inbox_id
-FROM b WHERE b.gone AND c.id = b.source_key::bigint;
-DELETE FROM b WHERE gone;
+SELECT sync.prepare_batch('customers', 'crm.customer');
 
 INSERT INTO crm.country (iso2, name)
 SELECT DISTINCT a->>'country', a->>'country' FROM b, LATERAL (VALUES (payload->'billing'), (payload->'shipping')) x(a)

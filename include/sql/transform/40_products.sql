@@ -1,12 +1,5 @@
 -- Products (and variations), their category links, attributes and other meta.
-CREATE TEMP TABLE b ON COMMIT DROP AS SELECT * FROM sync.batch_versions('products');
-DELETE FROM b USING crm.product p
-WHERE NOT b.gone AND p.id = b.source_key::bigint
-  AND (p.source_modified_at, p.landed_inbox_id) > (b.source_modified_at, b.inbox_id);
-UPDATE crm.product p SET deleted_at = COALESCE(p.deleted_at, clock_timestamp()), landed_run_id = b.run_id,
-       landed_inbox_id = b.inbox_id
-FROM b WHERE b.gone AND p.id = b.source_key::bigint;
-DELETE FROM b WHERE gone;
+SELECT sync.prepare_batch('products', 'crm.product');
 
 INSERT INTO crm.tax_class (slug, name)
 SELECT DISTINCT payload->>'tax_class', payload->>'tax_class' FROM b WHERE COALESCE(payload->>'tax_class', '') <> ''

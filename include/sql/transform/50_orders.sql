@@ -1,13 +1,6 @@
 -- Orders: header, addresses, lines with their taxes and meta, tax/shipping/fee/coupon lines, other
 -- meta; known meta keys promoted; buyers as contacts; missing customers and products queued.
-CREATE TEMP TABLE b ON COMMIT DROP AS SELECT * FROM sync.batch_versions('orders');
-DELETE FROM b USING crm.sales_order o
-WHERE NOT b.gone AND o.id = b.source_key::bigint
-  AND (o.source_modified_at, o.landed_inbox_id) > (b.source_modified_at, b.inbox_id);
-UPDATE crm.sales_order o SET deleted_at = COALESCE(o.deleted_at, clock_timestamp()), landed_run_id = b.run_id,
-       landed_inbox_id = b.inbox_id
-FROM b WHERE b.gone AND o.id = b.source_key::bigint;
-DELETE FROM b WHERE gone;
+SELECT sync.prepare_batch('orders', 'crm.sales_order');
 
 -- Codes the orders use that the code lists may not have yet (labels follow from the snapshots).
 INSERT INTO crm.currency (code) SELECT DISTINCT payload->>'currency' FROM b ON CONFLICT DO NOTHING;

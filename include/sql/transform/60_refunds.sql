@@ -1,12 +1,5 @@
 -- Refunds and their lines. Amounts are positive here; the store sends the lines negative.
-CREATE TEMP TABLE b ON COMMIT DROP AS SELECT * FROM sync.batch_versions('refunds');
-DELETE FROM b USING crm.refund r
-WHERE NOT b.gone AND r.id = b.source_key::bigint
-  AND (r.source_modified_at, r.landed_inbox_id) > (b.source_modified_at, b.inbox_id);
-UPDATE crm.refund r SET deleted_at = COALESCE(r.deleted_at, clock_timestamp()), landed_run_id = b.run_id,
-       landed_inbox_id = b.inbox_id
-FROM b WHERE b.gone AND r.id = b.source_key::bigint;
-DELETE FROM b WHERE gone;
+SELECT sync.prepare_batch('refunds', 'crm.refund');
 
 INSERT INTO crm.refund (id, order_id, amount, reason, refunded_by, refunded_payment, date_created, source_modified_at,
                         deleted_at, landed_run_id, landed_inbox_id)

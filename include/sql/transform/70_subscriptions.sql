@@ -1,13 +1,6 @@
 -- Subscriptions, their lines and meta, and their relation to orders (parent here; renewals and
 -- switches come from the orders' meta).
-CREATE TEMP TABLE b ON COMMIT DROP AS SELECT * FROM sync.batch_versions('subscriptions');
-DELETE FROM b USING crm.subscription s
-WHERE NOT b.gone AND s.id = b.source_key::bigint
-  AND (s.source_modified_at, s.landed_inbox_id) > (b.source_modified_at, b.inbox_id);
-UPDATE crm.subscription s SET deleted_at = COALESCE(s.deleted_at, clock_timestamp()), landed_run_id = b.run_id,
-       landed_inbox_id = b.inbox_id
-FROM b WHERE b.gone AND s.id = b.source_key::bigint;
-DELETE FROM b WHERE gone;
+SELECT sync.prepare_batch('subscriptions', 'crm.subscription');
 
 INSERT INTO crm.currency (code) SELECT DISTINCT payload->>'currency' FROM b ON CONFLICT DO NOTHING;
 INSERT INTO crm.subscription_status (code, label) SELECT DISTINCT payload->>'status', payload->>'status' FROM b
