@@ -42,10 +42,11 @@ def test_retry_after_is_honoured(sandbox_factory):
 
 
 def test_unreachable_store_fails_fast_with_a_plain_message():
-    client = StoreClient(f"http://127.0.0.1:{free_port()}", "ck", "cs", max_retries=1, backoff_base=0.01,
+    client = StoreClient(f"http://127.0.0.1:{free_port()}", "ck_keyvalue", "cs", max_retries=1, backoff_base=0.01,
                          budget=RequestBudget(100, 2))
-    with pytest.raises(StoreUnavailable, match="cannot reach the store at http://127.0.0.1"):
+    with pytest.raises(StoreUnavailable, match="cannot reach the store at http://127.0.0.1") as err:
         client.check()
+    assert "ck_keyvalue" not in str(err.value) and "oauth_signature" not in str(err.value)
 
 
 def test_secret_never_shows_in_repr_or_errors(sandbox):

@@ -19,6 +19,7 @@ import hmac
 import json
 import logging
 import random
+import re
 import secrets
 import threading
 import time
@@ -33,6 +34,7 @@ import requests
 
 log = logging.getLogger(__name__)
 
+_QUERY = re.compile(r"\?[^\s'\")]*")
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504, 508, 520, 521, 522, 523, 524}
 DEFAULT_API_PATH = "/wp-json/wc/v3"
 
@@ -231,7 +233,8 @@ class StoreClient:
                 raise StoreUnavailable(0, "store_tls_error", f"the store's TLS certificate was refused ({exc}); set "
                                        f"'verify' in the connection extras to the CA bundle that signs it", url) from None
             except (requests.Timeout, requests.ConnectionError) as exc:
-                problem, status = f"{type(exc).__name__}: {exc}", 0
+                # The URL in the message carries the signed query (key, nonce, signature): keep it out of logs.
+                problem, status = f"{type(exc).__name__}: {_QUERY.sub('', str(exc))}", 0
             else:
                 status = response.status_code
                 if status < 300:
