@@ -14,6 +14,7 @@ Kinds:
   shift        while a list page is served, one record of the filtered set is modified
                (a record modified while a client pages through)
   skew         the store's clock jumps a few seconds back and forth
+  garbage      one record of a list page carries a broken field (a plugin wrote "N/A" into a total)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import random
 import threading
 
-KINDS = ("429", "429nr", "500", "502", "504", "slow", "truncated", "notice", "shift", "skew")
+KINDS = ("429", "429nr", "500", "502", "504", "slow", "truncated", "notice", "shift", "skew", "garbage")
 
 PHP_FATAL = (
     "<html><head><title>WordPress &rsaquo; Error</title></head><body id=\"error-page\">"

@@ -26,6 +26,10 @@ os.environ.update({
     "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
     "AIRFLOW__CORE__DAGS_FOLDER": str(Path(__file__).resolve().parents[1] / "dags"),
     "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{AIRFLOW_HOME}/airflow.db",
+    "AIRFLOW__CORE__PLUGINS_FOLDER": str(Path(__file__).resolve().parents[1] / "plugins"),
+    # Airflow processes the tests start (CLI, task runners) import the package as a deployment would.
+    "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "plugins"),
+                                   str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
 })
 
 
@@ -106,3 +110,25 @@ def pytest_report_header(config):
     dsn = configured_dsn()
     return f"CRM database: {describe(dsn) if dsn else 'embedded PostgreSQL (.data/crm-pg)'}; " \
            f"Python {os.sys.version.split()[0]}"
+
+
+@pytest.fixture(scope="session")
+def dagbag(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(Path(__file__).resolve().parents[1] / "dags"))
+
+
+@pytest.fixture
+def wired(crm_dsn, monkeypatch):
+    """Point the package's two connections at a sandbox and a fresh CRM database."""
+
+    def wire(sandbox, **extra):
+        import json
+
+        monkeypatch.setenv("CRM_DATABASE_URL", crm_dsn)
+        monkeypatch.setenv("AIRFLOW_CONN_STORE_API", json.dumps({
+            "conn_type": "http", "host": sandbox.url, "login": "ck_sandbox", "password": "cs_sandbox", "extra": extra}))
+        return crm_dsn
+
+    return wire

@@ -10,9 +10,6 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from store_sync.detect import sync_entity
-from store_sync.migrations import migrate
-from store_sync.registry import entities, entity
 from store_sync.transform import run_checks, transform
 
 PROMOTED_ORDER_META = {"_download_permissions_granted", "_wc_order_attribution_source_type", "_tracking",
@@ -28,35 +25,46 @@ def text(value):
 
 
 @pytest.fixture(scope="module")
-def landed(crm_admin_dsn, sandbox_factory):
-    """A small store landed once into a database of its own (the transforms then run per test)."""
+def landed(crm_admin_dsn, sandbox_factory, dagbag):
+    """A small store landed by the package's own DAGs (through Airflow) into a database of its own."""
+    import json
+    import os
+    import time
+
     name = "crm_model_test"
     with psycopg.connect(crm_admin_dsn, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         conn.execute(f"CREATE DATABASE {name}")
     dsn = crm_admin_dsn.rpartition("/")[0] + "/" + name
-    migrate(dsn)
     sandbox = sandbox_factory(size="small", seed=21)
-    client = sandbox.client()
-    # Some of the store changes after the first landing, so the inbox holds several versions.
-    for n in entities():
-        sync_entity(dsn, client, entity(n), "first")
-    changed = [o["id"] for o in client.get("orders", {"status": "processing", "per_page": 20})]
-    for order_id in changed:
-        client.put(f"orders/{order_id}", {"status": "completed"})
-    trashed = client.get("orders", {"status": "pending", "per_page": 3})
-    for order in trashed:
-        client.request("DELETE", f"orders/{order['id']}")
-    import time
-
-    time.sleep(1.1)
-    sync_entity(dsn, client, entity("orders"), "second")
-    truth = {e: sandbox.export(e) for e in ("customers", "products", "variations", "categories", "orders", "refunds",
-                                            "subscriptions")}
-    truth["notes"] = {i: client.get(f"orders/{i}/notes") for i in changed}
-    yield dsn, truth, sandbox
-    with psycopg.connect(crm_admin_dsn, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    saved = {k: os.environ.get(k) for k in ("CRM_DATABASE_URL", "AIRFLOW_CONN_STORE_API")}
+    os.environ["CRM_DATABASE_URL"] = dsn
+    os.environ["AIRFLOW_CONN_STORE_API"] = json.dumps({"conn_type": "http", "host": sandbox.url, "login": "ck_sandbox",
+                                                       "password": "cs_sandbox", "extra": {"requests_per_second": 50}})
+    try:
+        for dag_id in sorted(d for d in dagbag.dag_ids if d.startswith(("store_watch_", "store_snapshot_"))):
+            assert dagbag.get_dag(dag_id).test().state == "success", dag_id
+        # Some of the store changes after the first landing, so the inbox holds several versions.
+        client = sandbox.client()
+        changed = [o["id"] for o in client.get("orders", {"status": "processing", "per_page": 20})]
+        for order_id in changed:
+            client.put(f"orders/{order_id}", {"status": "completed"})
+        for order in client.get("orders", {"status": "pending", "per_page": 3}):
+            client.request("DELETE", f"orders/{order['id']}")
+        time.sleep(1.1)
+        assert dagbag.get_dag("store_watch_orders").test().state == "success"
+        truth = {e: sandbox.export(e) for e in ("customers", "products", "variations", "categories", "orders", "refunds",
+                                                "subscriptions")}
+        truth["notes"] = {i: client.get(f"orders/{i}/notes") for i in changed}
+        yield dsn, truth, sandbox
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        with psycopg.connect(crm_admin_dsn, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def reset(dsn: str) -> None:
@@ -90,11 +98,10 @@ def fingerprint(dsn: str) -> dict[str, str]:
         return {k: conn.execute(q).fetchone()[0] for k, q in queries.items()}
 
 
-def test_crm_matches_the_ground_truth(landed):
+def test_crm_matches_the_ground_truth(landed, dagbag):
     dsn, truth, _ = landed
     reset(dsn)
-    transform(dsn)
-    run_checks(dsn)
+    assert dagbag.get_dag("crm_transform").test().state == "success"  # transforms and checks, through Airflow
     with psycopg.connect(dsn) as conn:
         q = lambda sql, *a: conn.execute(sql, a).fetchall()  # noqa: E731
 

@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import psycopg
 import pytest
 
 from store_sync.dag_defaults import POOLS
 from store_sync.registry import entities
-from tests.helpers import REPO, assert_inbox_matches_truth, latest
-
-
-@pytest.fixture(scope="module")
-def dagbag(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    return DagBag(dag_folder=str(REPO / "dags"))
-
-
-@pytest.fixture
-def wired(crm_dsn, monkeypatch):
-    """Point the package's two connections at a sandbox and a fresh CRM database."""
-
-    def wire(sandbox, **extra):
-        import json
-
-        monkeypatch.setenv("CRM_DATABASE_URL", crm_dsn)
-        monkeypatch.setenv("AIRFLOW_CONN_STORE_API", json.dumps({
-            "conn_type": "http", "host": sandbox.url, "login": "ck_sandbox", "password": "cs_sandbox", "extra": extra}))
-        return crm_dsn
-
-    return wire
+from tests.helpers import assert_inbox_matches_truth, latest
 
 
 def test_dags_import_without_errors(dagbag):
@@ -179,3 +161,51 @@ def test_changes_and_faults_through_airflow_lose_nothing(dagbag, wired, sandbox_
     with psycopg.connect(dsn) as conn:
         retries = conn.execute("SELECT sum(retries) FROM sync.landing_run").fetchone()[0]
     assert retries > 0, "the faults were there and the landings retried through them"
+
+
+def test_bad_records_are_quarantined_while_their_neighbours_land(dagbag, wired, sandbox_factory):
+    sandbox = sandbox_factory(size="tiny", seed=17, extra=["--faults", "garbage=1.0"])  # one broken record per page
+    dsn = wired(sandbox)
+    assert dagbag.get_dag("store_watch_orders").test().state == "success"
+    with psycopg.connect(dsn) as conn:
+        bad = conn.execute("SELECT source_key, reason, raw->>'total' FROM sync.quarantine WHERE entity='orders'").fetchall()
+        counts = conn.execute("SELECT quarantined, landed FROM sync.landing_run WHERE entity='orders'").fetchone()
+    assert bad and all(r[2] == "N/A" and "total" in r[1] for r in bad)
+    assert counts[0] == len(bad) and counts[1] > 0
+    never_clean = {k for k, _, _ in bad} - set(latest(dsn, "orders"))
+    truth = {str(o["id"]) for o in sandbox.export("orders")}
+    assert truth - set(latest(dsn, "orders")) == never_clean, "every other order landed"
+
+
+def test_a_landing_task_killed_mid_run_then_rerun_loses_and_doubles_nothing(dagbag, wired, sandbox_factory,
+                                                                              monkeypatch):
+    import signal
+    import time
+
+    sandbox = sandbox_factory(size="tiny", seed=18)
+    dsn = wired(sandbox, requests_per_second=4)  # slow enough to kill it half way
+    monkeypatch.setenv("AIRFLOW_VAR_STORE_SYNC_OVERRIDES", '{"orders": {"per_page": 5}}')
+    total = len(sandbox.export("orders"))
+    proc = subprocess.Popen([sys.executable, "-m", "airflow", "tasks", "test", "store_watch_orders", "land_changes"],
+                            env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    landed, deadline = 0, time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with psycopg.connect(dsn) as conn:
+                landed = conn.execute("SELECT count(*) FROM inbox.record WHERE entity='orders'").fetchone()[0]
+        except psycopg.Error:
+            landed = 0
+        if landed >= 15:
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # as the OOM killer or a lost worker would
+    proc.wait()
+    assert 15 <= landed < total, "the task must die half way"
+    with psycopg.connect(dsn) as conn:
+        cursor, progress = conn.execute("SELECT cursor_at, state->'progress' FROM sync.watermark WHERE entity='orders'").fetchone()
+    assert cursor is None and progress["t0"], "killed before the window completed, with its place kept"
+    assert dagbag.get_dag("store_watch_orders").test().state == "success"
+    assert_inbox_matches_truth(dsn, sandbox, "orders")
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM inbox.record WHERE entity='orders'").fetchone()[0] == total
