@@ -290,7 +290,6 @@ class Domain:
             products.append({"id": pid, "parent_id": prow["post_parent"], "name": prow["post_title"],
                              "price": float(meta.get("_price") or 0), "qty": int(li.get("quantity", 1))})
         created = created or self.store.now_gmt()
-        post_id = self.store.next_post_id()
         with self.store.write_lock:
             post_id = self.store.next_post_id()
             self.db.execute(POST_INSERT, post_row(self.store, post_id, post_type, status, created, created,
