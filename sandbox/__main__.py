@@ -40,7 +40,7 @@ def serve(args: argparse.Namespace) -> None:
             ck, cs = args.read_only_key.split(":", 1)
             store.db.execute("INSERT OR REPLACE INTO api_keys VALUES (?,?,?)", (ck, cs, "read"))
     faults = Faults(args.faults, seed=args.seed, slow_seconds=args.slow_seconds)
-    app = create_app(store, faults, legacy_sort=args.legacy_sort, webhook_delay=args.webhook_delay)
+    app = create_app(store, faults, stable_sort=args.stable_sort, webhook_delay=args.webhook_delay)
     if args.change_log:
         app.state.domain.changes.listeners.append(change_logger(args.change_log))
     simulator = ChangeSimulator(app.state.domain, args.changes_per_second, seed=args.seed)
@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--changes-per-second", type=float, default=0.0)
     s.add_argument("--faults", default="", help='e.g. "429=0.05,500=0.02,shift=0.1"')
     s.add_argument("--slow-seconds", type=float, default=1.5)
-    s.add_argument("--legacy-sort", action="store_true", help="older stores: no ID tie-breaker in date sorts")
+    s.add_argument("--stable-sort", action="store_true",
+                   help="kinder than a real store: an id tie-break in every sort (a real store has one for date only)")
+    s.add_argument("--legacy-sort", action="store_true", help=argparse.SUPPRESS)  # the real sort is the default now
     s.add_argument("--webhook-delay", type=float, default=0.5)
     s.add_argument("--log-level", default="warning")
     s.add_argument("--change-log", help="append every change (with its exact time) to this JSON-lines file")

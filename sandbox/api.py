@@ -173,12 +173,12 @@ def paged_response(request: Request, q: Query, docs: list[dict], total: int, pag
     return JSONResponse(docs, headers=headers)
 
 
-def create_app(store: Store, faults: Faults | None = None, legacy_sort: bool = False,
+def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = False,
                webhook_delay: float = 0.5) -> FastAPI:
     app = FastAPI(title="Sandbox store (WooCommerce REST API v3)", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store = store
     app.state.faults = faults or Faults()
-    app.state.legacy_sort = legacy_sort
+    app.state.stable_sort = stable_sort
     domain = Domain(store)
     app.state.domain = domain
     base_holder = {"base": "http://sandbox.local" + NS}
@@ -259,8 +259,12 @@ def create_app(store: Store, faults: Faults | None = None, legacy_sort: bool = F
             headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
             if body_fault == "truncated":
                 body = body[: max(1, len(body) // 2)]
-            else:
+            elif body_fault == "notice":
                 body = PHP_NOTICE.encode() + body
+            elif body_fault == "empty" and body.lstrip().startswith(b"["):
+                body = b"[]"
+            elif body_fault == "nopaging":
+                headers = {k: v for k, v in headers.items() if k.lower() not in ("x-wp-total", "x-wp-totalpages", "link")}
             return Response(body, status_code=200, headers=headers)
         return response
 
@@ -520,12 +524,17 @@ def create_app(store: Store, faults: Faults | None = None, legacy_sort: bool = F
             order_sql = "CASE p.id " + " ".join(f"WHEN {int(i)} THEN {n}" for n, i in enumerate(include)) + " END"
         elif col == "p.id":
             order_sql = f"p.id {order}"
-        elif app.state.legacy_sort:
-            # Older stores: no ID tie-breaker, so rows sharing a second come back in any order.
+        elif orderby == "date" or app.state.stable_sort:
+            # WooCommerce adds an id tie-break for `date` only: WC_REST_CRUD_Controller::prepare_objects_query
+            # turns orderby=date into "date ID" (plugins/woocommerce/includes/rest-api/Controllers/Version3/
+            # class-wc-rest-crud-controller.php). `stable_sort` is the kinder, opt-in mode for tests.
+            order_sql = f"{col} {order}, p.id {order}"
+        else:
+            # `modified`, `title` and `slug` get no tie-break (WordPress WP_Query::parse_orderby; WooCommerce's
+            # HPOS OrdersTableQuery likewise), and MySQL may return tied rows in a different order for every
+            # LIMIT/OFFSET: each request draws its own order among rows that tie.
             salt = random.randrange(1, 1_000_003)
             order_sql = f"{col} {order}, (p.id * {salt}) % 1000003"
-        else:
-            order_sql = f"{col} {order}, p.id {order}"
         start = offset if offset is not None else (page - 1) * per_page
         ids = [r[0] for r in store.db.execute(
             f"SELECT p.id FROM posts p WHERE {sql_where} ORDER BY {order_sql} LIMIT ? OFFSET ?",

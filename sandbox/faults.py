@@ -15,6 +15,8 @@ Kinds:
                (a record modified while a client pages through)
   skew         the store's clock jumps a few seconds back and forth
   garbage      one record of a list page carries a broken field (a plugin wrote "N/A" into a total)
+  empty        a list answer replaced by ``[]``, headers kept (a page cache or WAF answering stale)
+  nopaging     X-WP-Total, X-WP-TotalPages and Link stripped (a proxy or CDN that drops headers)
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from __future__ import annotations
 import random
 import threading
 
-KINDS = ("429", "429nr", "500", "502", "504", "slow", "truncated", "notice", "shift", "skew", "garbage")
+KINDS = ("429", "429nr", "500", "502", "504", "slow", "truncated", "notice", "shift", "skew", "garbage", "empty",
+         "nopaging")
 
 PHP_FATAL = (
     "<html><head><title>WordPress &rsaquo; Error</title></head><body id=\"error-page\">"
@@ -66,7 +69,7 @@ class Faults:
         return None
 
     def pick_body_fault(self) -> str | None:
-        for kind in ("truncated", "notice"):
+        for kind in ("truncated", "notice", "empty", "nopaging"):
             if self.roll(kind):
                 return kind
         return None
