@@ -117,8 +117,8 @@ class WebhookReceiver:
 def latest(dsn: str, name: str) -> dict[str, dict]:
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
-            "SELECT DISTINCT ON (source_key) source_key, payload, is_delete FROM inbox.record WHERE entity=%s "
-            "ORDER BY source_key, source_modified_at DESC NULLS LAST, inbox_id DESC", (name,)).fetchall()
+            "SELECT l.source_key, r.payload, r.is_delete FROM inbox.latest l JOIN inbox.record r USING (inbox_id) "
+            "WHERE l.entity=%s", (name,)).fetchall()
     return {k: (p, d) for k, p, d in rows}
 
 
@@ -130,5 +130,12 @@ def assert_inbox_matches_truth(dsn: str, sandbox, name: str) -> None:
     stale = [k for k, d in truth.items() if landed[k][0] != d]
     assert not stale, f"{name}: {len(stale)} records landed in an old version, e.g. {stale[:5]}"
     with psycopg.connect(dsn) as conn:
-        dupes = conn.execute("SELECT count(*) - count(DISTINCT (entity, source_key, payload_hash)) FROM inbox.record").fetchone()[0]
-    assert dupes == 0
+        dupes = inbox_duplicates(conn)
+    assert dupes == 0, f"{dupes} inbox rows repeat the version landed just before them"
+
+
+def inbox_duplicates(conn) -> int:
+    """Rows whose payload equals the previous landed version of the same record (a revert A → B → A is not one)."""
+    return conn.execute(
+        "SELECT count(*) FROM (SELECT payload_hash, lag(payload_hash) OVER (PARTITION BY entity, source_key "
+        "ORDER BY inbox_id) AS previous FROM inbox.record) v WHERE payload_hash = previous").fetchone()[0]

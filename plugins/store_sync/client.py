@@ -157,7 +157,7 @@ def _php_value(value: Any) -> str:
 class Page:
     number: int
     records: list[dict]
-    total: int
+    total: int | None  # X-WP-Total; None when the answer did not say
     total_pages: int
     elapsed: float = 0.0
 
@@ -316,8 +316,10 @@ class StoreClient:
         data, headers = self.request("GET", endpoint, {**(params or {}), "page": page, "per_page": per_page})
         if not isinstance(data, list):
             raise StoreApiError(200, "unexpected_body", f"expected a JSON list from {endpoint}", endpoint)
-        total = int(headers.get("X-WP-Total", len(data)) or 0)
-        pages = int(headers.get("X-WP-TotalPages", 1) or 0)
+        total_header, pages_header = headers.get("X-WP-Total"), headers.get("X-WP-TotalPages")
+        total = int(total_header) if total_header not in (None, "") else None
+        # A proxy may strip the paging headers: then a full page means "there may be more".
+        pages = int(pages_header) if pages_header not in (None, "") else page + (1 if len(data) >= per_page else 0)
         return Page(page, data, total, pages, time.monotonic() - started)
 
     def count(self, endpoint: str, params: dict | None = None) -> int:

@@ -26,13 +26,14 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
-from store_sync.client import StoreClient
+from store_sync.client import StoreClient, StoreNotFound
 from store_sync.landing import (
     PageResult,
     RunRecord,
     already_landed,
     get_watermark,
     land_page,
+    landed_keys,
     parse_gmt,
     set_watermark,
 )
@@ -129,11 +130,13 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
                 if entity.children:
                     known = already_landed(conn, entity, page)
                     fresh = [r for r in page if str(r.get(entity.key)) not in known]
-                children = fetch_children(client, entity, fresh, live_cycle=live and cursor is not None)
+                children = fetch_children(client, entity, fresh, live_cycle=live and cursor is not None, conn=conn)
                 with conn.transaction():
                     run.add(land_page(conn, entity, page, run.run_id))
-                    for child, prefix, records in children:
+                    for child, prefix, records, gone in children:
                         run.add(land_page(conn, child, records, run.run_id, key_prefix=prefix))
+                        if gone:
+                            run.add(land_deletes(conn, child, gone, run.run_id, key_prefix=prefix))
                     done = final and last_status
                     new_progress = None if done else {"t0": fmt(t0), "status_index": index + (1 if final else 0),
                                                       "lo": fmt(next_lo) if (next_lo and not final) else None}
@@ -179,9 +182,12 @@ def prefetched(pages: Iterator, depth: int = 1) -> Iterator:
         stop.set()
 
 
-def fetch_children(client: StoreClient, entity: Entity, page: list[dict], live_cycle: bool) -> list[tuple]:
-    """Records that live under the page's records (variations, order notes): (entity, key prefix, records).
+def fetch_children(client: StoreClient, entity: Entity, page: list[dict], live_cycle: bool,
+                   conn: psycopg.Connection) -> list[tuple]:
+    """Records that live under the page's records (variations, order notes): (entity, key prefix, records, gone).
 
+    ``gone`` holds the children landed before that the parent's list no longer shows and that the store,
+    asked one by one, says are deleted (a deleted note or variation leaves no other trace).
     ``live_only`` children (one request per parent) are read in live cycles after the first load only:
     a first load or a backfill of every order's notes would cost the store one request per order."""
     from store_sync.registry import entity as registry_entity
@@ -191,14 +197,44 @@ def fetch_children(client: StoreClient, entity: Entity, page: list[dict], live_c
         if spec.get("live_only") and not live_cycle:
             continue
         child = registry_entity(spec["entity"])
-        for parent in page:
-            if any(parent.get(k) != v for k, v in (spec.get("when") or {}).items()) or parent.get("status") == "trash":
-                continue
+        parents = [p for p in page if not any(p.get(k) != v for k, v in (spec.get("when") or {}).items())
+                   and p.get("status") != "trash"]
+        landed = landed_children(conn, child, entity, [str(p[entity.key]) for p in parents])
+        for parent in parents:
             endpoint = spec["endpoint"].format(id=parent[entity.key])
             records = (list(client.iter_records(endpoint, {}, entity.per_page)) if spec.get("paged")
                        else client.get(endpoint))
             prefix = "" if child.name == entity.name else f"{parent[entity.key]}:"
-            out.append((child, prefix, records))
+            before = landed.get(str(parent[entity.key]), set())
+            listed = {str(r.get(child.key)) for r in records if isinstance(r, dict)}
+            gone: set = set()
+            if before - listed:
+                try:
+                    refuse_short_listing(f"{child.name} of {entity.name} {parent[entity.key]}", len(listed), len(before))
+                    found, gone = confirm_deletes(client, child, before - listed,
+                                                  lambda key, e=endpoint: f"{e}/{key}")
+                    records = list(records) + found
+                except ListingRefused as exc:
+                    log.error("%s", exc)
+            out.append((child, prefix, records, gone))
+    return out
+
+
+def landed_children(conn: psycopg.Connection, child: Entity, parent: Entity, parents: list[str]) -> dict[str, set]:
+    """{parent key: the keys (without prefix) of its live landed children}."""
+    if not parents:
+        return {}
+    if child.name == parent.name:  # variations: their product is in the payload
+        rows = conn.execute(
+            "SELECT r.payload->>'parent_id', l.source_key FROM inbox.latest l JOIN inbox.record r ON r.inbox_id = l.inbox_id "
+            "WHERE l.entity = %s AND NOT l.is_delete AND r.payload->>'parent_id' = ANY(%s)", (child.name, parents))
+    else:  # keys are "<parent>:<child>"
+        rows = conn.execute(
+            "SELECT split_part(source_key, ':', 1), split_part(source_key, ':', 2) FROM inbox.latest "
+            "WHERE entity = %s AND NOT is_delete AND split_part(source_key, ':', 1) = ANY(%s)", (child.name, parents))
+    out: dict[str, set] = {}
+    for parent_key, key in rows:
+        out.setdefault(parent_key, set()).add(key)
     return out
 
 
@@ -211,7 +247,7 @@ def keyset_pages(client: StoreClient, entity: Entity, status: str | None, lo: da
     progress = Progress(entity.name)
     while True:
         params = {**base, **({"modified_after": fmt(lo)} if lo else {})}
-        page = client.get_page(entity.endpoint, params, 1, entity.per_page)
+        page = first_page(client, entity, params)
         progress.page(len(page.records), page.total_pages)
         if len(page.records) < entity.per_page:
             yield page.records, lo, True
@@ -225,22 +261,72 @@ def keyset_pages(client: StoreClient, entity: Entity, status: str | None, lo: da
         top = max(seconds)
         next_lo = top - SECOND
         if lo is not None and next_lo <= lo:
-            # The whole page is one second: drain that second by page number, then move past it.
+            # The whole page is one second: read that second completely, then move past it.
             yield page.records, lo, False
-            inside = {**base, "modified_after": fmt(top - SECOND), "modified_before": fmt(min(top + SECOND, t0))}
-            number = 2
-            while True:
-                more = client.get_page(entity.endpoint, inside, number, entity.per_page)
-                if not more.records:
-                    break
-                yield more.records, lo, False
-                if number >= more.total_pages:
-                    break
-                number += 1
+            known = {str(r.get(entity.key)) for r in page.records}
+            for records in drain_second(client, entity, base, top, t0, known):
+                yield records, lo, False
             lo = top
             continue
         yield page.records, next_lo, False
         lo = next_lo
+
+
+class StoreInconsistent(Exception):
+    """The store's answers did not settle: the window is not complete and the watermark must not move."""
+
+
+def first_page(client: StoreClient, entity: Entity, params: dict, tries: int = 3):
+    """One page; a short page whose X-WP-Total says more records match (a transient ``200 []``, a
+    stale cache) would end a window early and lose the rest, so it is asked again."""
+    for _ in range(tries):
+        page = client.get_page(entity.endpoint, params, 1, entity.per_page)
+        short = len(page.records) < entity.per_page
+        if not short or page.total is None or page.total - int(params.get("offset", 0)) <= len(page.records):
+            return page
+        log.warning("%s: a page of %d records where the store counts %d: asking again", entity.name,
+                    len(page.records), page.total)
+    raise StoreInconsistent(f"{entity.name}: the store keeps answering short pages that contradict its own "
+                            "X-WP-Total; the window stays open and is read again next cycle")
+
+
+def drain_second(client: StoreClient, entity: Entity, base: dict, second: datetime, t0: datetime,
+                 known: set[str], max_backoffs: int = 200) -> Iterator[list[dict]]:
+    """Every record modified in one second, when more share it than fit on a page (a bulk edit, an import).
+
+    The store sorts `modified` ties in no stable order (WordPress WP_Query::parse_orderby adds no id
+    tie-break; only `orderby=date` gets one, in WC_REST_CRUD_Controller::prepare_objects_query), so
+    this second is read by `orderby=id`, which is unique, as a keyset emulated with `offset`: each read
+    overlaps the previous one by a margin and must start at or below the highest id read so far. A
+    record edited meanwhile leaves the second (its modified time moves forward, into a later window)
+    and shifts the ids behind it down; records cannot enter a past second. So positions only fall:
+    a read that still overlaps leaves no gap, and one that does not is repeated from lower down.
+    Yields the records not yet seen (``known``: already read from the page that led here)."""
+    params = {**base, "orderby": "id", "order": "asc", "modified_after": fmt(second - SECOND),
+              "modified_before": fmt(min(second + SECOND, t0))}
+    size = entity.per_page
+    step = size - max(1, size // 4)
+    seen = set(known)
+    offset, highest, backoffs = 0, None, 0
+    while True:
+        records = first_page(client, entity, {**params, "offset": offset}).records
+        ids = [int(r[entity.key]) for r in records if isinstance(r, dict) and str(r.get(entity.key)).isdigit()]
+        if highest is not None and offset > 0 and (not ids or ids[0] > highest):
+            # More records before this offset left the second than the overlap covers: step back.
+            backoffs += 1
+            if backoffs > max_backoffs:
+                raise StoreInconsistent(f"{entity.name}: the records of {fmt(second)}Z kept moving; the window stays "
+                                        "open and is read again next cycle")
+            offset = max(0, offset - step)
+            continue
+        fresh = [r for r in records if str(r.get(entity.key)) not in seen]
+        seen.update(str(r.get(entity.key)) for r in fresh)
+        if fresh:
+            yield fresh
+        if len(records) < size:
+            return
+        highest = max([highest or 0, *ids])
+        offset += step
 
 
 # -- by ids (on demand, customers from orders) ---------------------------------------------------------
@@ -257,25 +343,55 @@ def fetch_by_ids(dsn: str, client: StoreClient, entity: Entity, run: RunRecord, 
             trashed = client.get_page(entity.endpoint, {**params, "status": "trash"}, 1, 100).records
             records += trashed
             gone -= {int(r[entity.key]) for r in trashed}
+        # Absent from a listing is not deleted (a transient empty page, a proxy): ask for each one.
+        found, gone = confirm_deletes(client, entity, gone, lambda key: f"{entity.endpoint}/{key}")
         with psycopg.connect(dsn) as conn, conn.transaction():
-            run.add(land_page(conn, entity, records, run.run_id))
+            run.add(land_page(conn, entity, records + found, run.run_id))
             if gone:
                 run.add(land_deletes(conn, entity, gone, run.run_id))
     return now_utc()
 
 
-def land_deletes(conn: psycopg.Connection, entity: Entity, keys, run_id: str) -> PageResult:
-    """A record that left the store lands as a delete event (once: same payload, same hash)."""
+def land_deletes(conn: psycopg.Connection, entity: Entity, keys, run_id: str, key_prefix: str = "") -> PageResult:
+    """Records the store said are gone land as delete events (once: the same event twice is skipped)."""
     events = [{entity.key: int(k) if str(k).isdigit() else k, "deleted": True} for k in sorted(keys, key=str)]
-    return land_page(conn, entity, events, run_id, deletes=True)
+    return land_page(conn, entity, events, run_id, deletes=True, key_prefix=key_prefix)
 
 
-def landed_keys(conn: psycopg.Connection, entity: str) -> dict[str, datetime | None]:
-    """The latest landed state per key that is not deleted: {source_key: source_modified_at}."""
-    rows = conn.execute(
-        "SELECT DISTINCT ON (source_key) source_key, source_modified_at, is_delete FROM inbox.record "
-        "WHERE entity=%s ORDER BY source_key, received_at DESC, inbox_id DESC", (entity,)).fetchall()
-    return {k: m for k, m, deleted in rows if not deleted}
+# -- deletes, only on the store's word ------------------------------------------------------------
+class ListingRefused(Exception):
+    """A listing came back far shorter than what has landed: taken as broken, not as mass deletes."""
+
+
+def refuse_short_listing(what: str, listed: int, landed: int) -> None:
+    """Page-number listings race with trashing and creating, a proxy may strip X-WP-TotalPages and a
+    store may answer a transient ``200 []``: a listing with under half the records landed is refused."""
+    if landed >= 10 and listed < landed / 2:
+        raise ListingRefused(f"{what}: the store listed {listed} records where {landed} have landed; a listing "
+                             "that short is taken as broken (a proxy, a transient empty page), not as deletes")
+
+
+def confirm_deletes(client: StoreClient, entity: Entity, candidates, path, limit: int = 500) -> tuple[list[dict], set]:
+    """Ask the store for each record a listing no longer shows: ``(records that answered, keys it says are gone)``.
+
+    Only a direct ``GET`` answering 404 is the store's word that a record is gone (a trashed record
+    still answers, with status trash); a record that answers lands again, which heals a false delete.
+    At most ``limit`` requests per call: the rest wait for the next pass."""
+    found, gone = [], set()
+    pending = sorted(candidates, key=str)
+    if len(pending) > limit:
+        log.warning("%s: %d possible deletes, checking %d now and the rest next pass", entity.name, len(pending), limit)
+    for key in pending[:limit]:
+        try:
+            record = client.get(path(key))
+        except StoreNotFound as exc:
+            if exc.code == "rest_no_route":  # the route, not the record, is missing: no conclusion
+                raise
+            gone.add(key)
+            continue
+        if isinstance(record, dict) and record.get(entity.key) not in (None, ""):
+            found.append(record)
+    return found, gone
 
 
 # -- id_scan -----------------------------------------------------------------------------------------
@@ -325,10 +441,8 @@ def id_scan(dsn: str, client: StoreClient, entity: Entity, run: RunRecord, full:
         changed = [int(k) for k, m in store_view.items() if k not in known or (m and known[k] != m)]
         if changed:
             fetch_by_ids(dsn, client, entity, run, changed)
-        gone = set(known) - set(store_view)
-        if gone:
-            with psycopg.connect(dsn) as conn, conn.transaction():
-                run.add(land_deletes(conn, entity, gone, run.run_id))
+        apply_confirmed_deletes(dsn, client, entity, run, set(known) - set(store_view), listed=len(store_view),
+                                landed=len(known), path=lambda key: f"{entity.endpoint}/{key}", fail=False)
         last_scan = started
     with psycopg.connect(dsn) as conn, conn.transaction():
         set_watermark(conn, entity.name, started, run.run_id,
@@ -350,28 +464,94 @@ def snapshot(dsn: str, client: StoreClient, entity: Entity, run: RunRecord) -> d
     with psycopg.connect(dsn) as conn, conn.transaction():
         known = landed_keys(conn, entity.name)
         run.add(land_page(conn, entity, records, run.run_id))
-        gone = set(known) - {str(r.get(entity.key)) for r in records}
-        if gone:
-            run.add(land_deletes(conn, entity, gone, run.run_id))
+    gone = set(known) - {str(r.get(entity.key)) for r in records if isinstance(r, dict)}
+    # Paged lists (the category tree) have a record per id to ask; code lists only have the whole list.
+    path = (lambda key: f"{entity.endpoint}/{key}") if entity.paged else None
+    apply_confirmed_deletes(dsn, client, entity, run, gone, listed=len(records), landed=len(known), path=path,
+                            fail=False)
+    with psycopg.connect(dsn) as conn, conn.transaction():
         set_watermark(conn, entity.name, started, run.run_id)
     return started
 
 
 # -- hard deletes ------------------------------------------------------------------------------------
-def reconcile_deletes(dsn: str, client: StoreClient, entity: Entity, run_id: str) -> dict:
-    """Ids landed but no longer in the store at all (permanent deletes leave no trace): delete events."""
-    run = RunRecord(dsn, run_id, entity.name, "reconcile")
-    in_store: set[str] = set()
-    for status in entity.statuses:
-        params = {"_fields": "id", "orderby": "id", "order": "asc", **({"status": status} if status else {})}
-        for page in client.iter_pages(entity.endpoint, params, entity.per_page):
-            in_store.update(str(r["id"]) for r in page.records)
+def apply_confirmed_deletes(dsn: str, client: StoreClient, entity: Entity, run: RunRecord, candidates: set,
+                            *, listed: int, landed: int, path, fail: bool = True, key_prefix: str = "") -> int:
+    """Land delete events for the candidates the store confirms gone, and again the records that answer.
+
+    A short listing is refused: with ``fail`` the refusal raises (a reconciliation task shows it
+    failed), otherwise it is logged and the live cycle goes on. ``path=None`` (code lists, which have
+    no per-record route) trusts a listing that passed the length check."""
+    if not candidates:
+        return 0
+    try:
+        refuse_short_listing(f"{entity.name}{f' {key_prefix}' if key_prefix else ''}", listed, landed)
+    except ListingRefused as exc:
+        if fail:
+            raise
+        log.error("%s", exc)
+        return 0
+    found, gone = confirm_deletes(client, entity, candidates, path) if path else ([], set(candidates))
     with psycopg.connect(dsn) as conn, conn.transaction():
-        # Records landed as children of their own entity (variations) are not in its list: not gone.
-        children = {r[0] for r in conn.execute(
-            "SELECT DISTINCT source_key FROM inbox.record WHERE entity=%s AND (payload->>'parent_id')::bigint > 0 "
-            "AND payload->>'type' = 'variation'", (entity.name,))}
-        gone = set(landed_keys(conn, entity.name)) - in_store - children
+        if found:
+            run.add(land_page(conn, entity, found, run.run_id, key_prefix=key_prefix))
         if gone:
-            run.add(land_deletes(conn, entity, gone, run_id))
+            run.add(land_deletes(conn, entity, gone, run.run_id, key_prefix=key_prefix))
+    if gone:
+        log.info("%s: %d records deleted at the store (%d candidates answered: still there)", entity.name,
+                 len(gone), len(found))
+    return len(gone)
+
+
+def list_ids(client: StoreClient, endpoint: str, params: dict, per_page: int) -> set[str]:
+    """Every id a listing shows, paged until a short page (X-WP-TotalPages may be stripped by a proxy)."""
+    ids: set[str] = set()
+    for page in client.iter_pages(endpoint, {**params, "_fields": "id", "orderby": "id", "order": "asc"}, per_page):
+        ids.update(str(r["id"]) for r in page.records if isinstance(r, dict) and r.get("id") is not None)
+    return ids
+
+
+def reconcile_deletes(dsn: str, client: StoreClient, entity: Entity, run_id: str) -> dict:
+    """Records landed but gone from the store for good (permanent deletes leave no trace): delete events.
+
+    Candidates are the ids a full listing no longer shows; each is asked for by id, and only a 404
+    makes a delete. Variations, which the product list does not show, are checked per variable product."""
+    run = RunRecord(dsn, run_id, entity.name, "reconcile")
+    try:
+        in_store: set[str] = set()
+        for status in entity.statuses:
+            in_store |= list_ids(client, entity.endpoint, {"status": status} if status else {}, entity.per_page)
+        with psycopg.connect(dsn) as conn:
+            known = landed_keys(conn, entity.name)
+            variations = landed_variations(conn, entity.name)
+            deleted = {r[0] for r in conn.execute(
+                "SELECT l.source_key FROM inbox.latest l JOIN inbox.record r ON r.inbox_id = l.inbox_id "
+                "WHERE l.entity = %s AND l.is_delete AND r.payload ? 'deleted'", (entity.name,))}
+        # Landed as deleted, yet the store lists them: read them again (a false delete heals).
+        if revived := sorted(int(k) for k in deleted & in_store if k.isdigit()):
+            log.warning("%s: %d records landed as deleted are live at the store: reading them again",
+                        entity.name, len(revived))
+            fetch_by_ids(dsn, client, entity, run, revived)
+        top_level = set(known) - set(variations)
+        apply_confirmed_deletes(dsn, client, entity, run, top_level - in_store, listed=len(in_store),
+                                landed=len(top_level), path=lambda key: f"{entity.endpoint}/{key}")
+        by_parent: dict[str, set[str]] = {}
+        for key, parent in variations.items():
+            by_parent.setdefault(parent, set()).add(key)
+        for parent, keys in sorted(by_parent.items()):
+            listed = list_ids(client, f"{entity.endpoint}/{parent}/variations", {}, entity.per_page)
+            apply_confirmed_deletes(dsn, client, entity, run, keys - listed, listed=len(listed), landed=len(keys),
+                                    path=lambda key, p=parent: f"{entity.endpoint}/{p}/variations/{key}", fail=False)
+    except Exception as exc:
+        run.finish("failed", 0, f"{type(exc).__name__}: {exc}"[:2000])
+        raise
     return run.finish("success", 0)
+
+
+def landed_variations(conn: psycopg.Connection, name: str) -> dict[str, str]:
+    """{variation key: its product's id} for variations whose latest landed version is live."""
+    rows = conn.execute(
+        "SELECT l.source_key, r.payload->>'parent_id' FROM inbox.latest l JOIN inbox.record r ON r.inbox_id = l.inbox_id "
+        "WHERE l.entity = %s AND NOT l.is_delete AND (r.payload->>'parent_id') ~ '^[1-9][0-9]*$' "
+        "AND r.payload->>'type' = 'variation'", (name,)).fetchall()
+    return dict(rows)

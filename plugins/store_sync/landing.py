@@ -2,9 +2,9 @@
 
 * Each record is checked against its entity's JSON Schema; a failure goes to ``sync.quarantine`` with
   the reason and the raw body, and the rest of the page lands.
-* Rows are COPYed into a temporary table, then inserted with ``ON CONFLICT DO NOTHING`` on
-  (entity, source_key, payload_hash): a payload identical to one already landed is skipped, so a
-  rerun or an overlapping window never doubles anything.
+* Rows are COPYed into a temporary table; a record lands unless its payload equals the **latest**
+  landed version of that record (``inbox.latest``), so a rerun or an overlapping window never doubles
+  anything, while a revert (A → B → A) lands the second A.
 * ``sync.landing_run`` keeps one row per (run, entity) with its counts, for people, not logs.
 """
 
@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 import psycopg
 
 from store_sync.registry import Entity
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def canonical(record: dict) -> str:
@@ -43,9 +45,8 @@ def land_page(conn: psycopg.Connection, entity: Entity, records: Iterable[dict],
               deletes: bool = False, key_prefix: str = "") -> PageResult:
     """Land one page inside the caller's transaction."""
     result = PageResult()
-    good: list[tuple] = []
+    good: dict[str, tuple] = {}
     bad: list[tuple] = []
-    seen: set[tuple[str, str]] = set()
     for record in records:
         result.read += 1
         key = record.get(entity.key) if isinstance(record, dict) else None
@@ -57,27 +58,38 @@ def land_page(conn: psycopg.Connection, entity: Entity, records: Iterable[dict],
             continue
         key = f"{key_prefix}{key}"
         text, digest = fingerprint(record)
-        if (str(key), digest) in seen:
-            continue  # the same payload twice on one page (a shifted page): once is enough
-        seen.add((str(key), digest))
         modified = parse_gmt(record.get(entity.cursor)) if entity.cursor else None
         is_delete = deletes or record.get("status") == "trash"
-        good.append((entity.name, str(key), modified, is_delete, text, digest, run_id))
+        row = (entity.name, key, modified, is_delete, text, digest, run_id)
+        before = good.get(key)
+        # The same record twice on one page (a shifted page): keep its newest version, once.
+        if before is None or (modified or _EPOCH) >= (before[2] or _EPOCH):
+            good[key] = row
     if good:
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS landing_page (entity text, source_key text, "
                      "source_modified_at timestamptz, is_delete boolean, payload jsonb, payload_hash text, "
-                     "run_id text) ON COMMIT DELETE ROWS")
+                     "run_id text, inbox_id bigint DEFAULT nextval('inbox.record_inbox_id_seq')) ON COMMIT DELETE ROWS")
         conn.execute("TRUNCATE landing_page")
-        with conn.cursor().copy("COPY landing_page FROM STDIN") as copy:
-            for row in good:
+        with conn.cursor().copy("COPY landing_page (entity, source_key, source_modified_at, is_delete, payload, "
+                                "payload_hash, run_id) FROM STDIN") as copy:
+            for row in sorted(good.values(), key=lambda r: r[1]):
                 copy.write_row(row)
+        # Upsert the latest version first: the row lock makes a concurrent landing of the same payload
+        # wait, then see it as already latest. Sorted keys keep two landings from deadlocking.
         cur = conn.execute(
-            "INSERT INTO inbox.record (entity, source_key, source_modified_at, is_delete, payload, payload_hash, run_id) "
-            "SELECT entity, source_key, source_modified_at, is_delete, payload, payload_hash, run_id FROM landing_page "
-            "ON CONFLICT ON CONSTRAINT inbox_record_once DO NOTHING")
+            "WITH changed AS ("
+            " INSERT INTO inbox.latest AS l (entity, source_key, payload_hash, inbox_id, is_delete, source_modified_at)"
+            " SELECT entity, source_key, payload_hash, inbox_id, is_delete, source_modified_at FROM landing_page"
+            " ORDER BY source_key"
+            " ON CONFLICT (entity, source_key) DO UPDATE SET payload_hash = EXCLUDED.payload_hash,"
+            " inbox_id = EXCLUDED.inbox_id, is_delete = EXCLUDED.is_delete,"
+            " source_modified_at = EXCLUDED.source_modified_at WHERE l.payload_hash <> EXCLUDED.payload_hash"
+            " RETURNING l.inbox_id)"
+            "INSERT INTO inbox.record (inbox_id, entity, source_key, source_modified_at, is_delete, payload, "
+            "payload_hash, run_id) SELECT p.inbox_id, p.entity, p.source_key, p.source_modified_at, p.is_delete, "
+            "p.payload, p.payload_hash, p.run_id FROM landing_page p JOIN changed c ON c.inbox_id = p.inbox_id")
         result.landed = cur.rowcount
-        result.skipped = len(good) - cur.rowcount
-        result.skipped += result.read - len(good) - len(bad)
+    result.skipped = result.read - result.landed - len(bad)
     if bad:
         with conn.cursor().copy("COPY sync.quarantine (entity, source_key, reason, raw, run_id) FROM STDIN") as copy:
             for row in bad:
@@ -93,14 +105,21 @@ def fingerprint(record: dict) -> tuple[str, str]:
 
 
 def already_landed(conn: psycopg.Connection, entity: Entity, records: list[dict]) -> set[str]:
-    """Keys of the records whose exact payload is already in the inbox (re-read by an overlap)."""
+    """Keys of the records whose exact payload is their latest landed version (re-read by an overlap)."""
     pairs = [(str(r.get(entity.key)), fingerprint(r)[1]) for r in records if isinstance(r, dict)]
     if not pairs:
         return set()
-    rows = conn.execute("SELECT source_key FROM inbox.record WHERE entity = %s AND (source_key, payload_hash) IN "
+    rows = conn.execute("SELECT source_key FROM inbox.latest WHERE entity = %s AND (source_key, payload_hash) IN "
                         "(SELECT * FROM unnest(%s::text[], %s::text[]))",
                         (entity.name, [k for k, _ in pairs], [h for _, h in pairs])).fetchall()
     return {r[0] for r in rows}
+
+
+def landed_keys(conn: psycopg.Connection, entity: str) -> dict[str, datetime | None]:
+    """The records whose latest landed version is not a delete: {source_key: source_modified_at}."""
+    rows = conn.execute("SELECT source_key, source_modified_at FROM inbox.latest WHERE entity = %s AND NOT is_delete",
+                        (entity,)).fetchall()
+    return dict(rows)
 
 
 def set_watermark(conn: psycopg.Connection, entity: str, cursor_at: datetime | None, run_id: str,

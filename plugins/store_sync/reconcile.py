@@ -31,6 +31,7 @@ class Report:
     crm_count: int = 0
     missing_in_crm: list = field(default_factory=list)
     gone_from_store: list = field(default_factory=list)
+    deleted_in_crm: list = field(default_factory=list)
     stale: list = field(default_factory=list)
     differing: list = field(default_factory=list)
     store_checksum: str = ""
@@ -38,7 +39,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not (self.missing_in_crm or self.gone_from_store or self.stale or self.differing)
+        return not (self.missing_in_crm or self.gone_from_store or self.deleted_in_crm or self.stale or self.differing)
 
 
 def norm(value) -> str:
@@ -77,7 +78,9 @@ def reconcile_entity(dsn: str, client: StoreClient, spec: Entity, show: int = 10
     report.store_count, report.crm_count = len(store), len(live_crm)
     report.missing_in_crm = sorted(set(store) - set(crm), key=int)
     report.gone_from_store = sorted(set(live_crm) - set(store), key=int)
-    for key in sorted(set(store) & set(crm), key=int):
+    # Soft-deleted in the CRM while the store still has the record: a delete the store never made.
+    report.deleted_in_crm = sorted((k for k in set(store) & set(crm) if crm[k][1]), key=int)
+    for key in sorted(set(store) & set(live_crm), key=int):
         s_mod, s_vals = store[key]
         c_mod, _, c_vals = crm[key]
         if s_mod and c_mod and datetime.fromisoformat(s_mod).replace(tzinfo=UTC) != c_mod:
@@ -103,7 +106,7 @@ def render(reports: list[Report], show: int = 10) -> str:
         lines.append(f"{r.entity:<14} store {r.store_count:>8}  CRM {r.crm_count:>8}  checksum store {r.store_checksum} "
                      f"CRM {r.crm_checksum}  {verdict}")
         for label, items in (("missing in the CRM", r.missing_in_crm), ("gone from the store, live in the CRM",
-                             r.gone_from_store), ("older in the CRM", r.stale), ("different values", r.differing)):
+                             r.gone_from_store), ("deleted in the CRM, live at the store", r.deleted_in_crm), ("older in the CRM", r.stale), ("different values", r.differing)):
             if items:
                 lines.append(f"    {len(items)} {label}: " + "; ".join(map(str, items[:show]))
                              + (" …" if len(items) > show else ""))

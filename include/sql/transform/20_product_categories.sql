@@ -1,8 +1,10 @@
 -- The category tree: adjacency list plus a materialised path; orphans and cycles are flagged, not fatal.
 CREATE TEMP TABLE b ON COMMIT DROP AS SELECT * FROM sync.batch_versions('product_categories');
 
-UPDATE crm.product_category c SET deleted_at = COALESCE(c.deleted_at, clock_timestamp()), landed_run_id = b.run_id
-FROM b WHERE b.gone AND c.id = b.source_key::bigint;
+-- A delete applies only when received after the version the CRM holds (newest wins, deletes too).
+UPDATE crm.product_category c SET deleted_at = COALESCE(c.deleted_at, clock_timestamp()), landed_run_id = b.run_id,
+    landed_inbox_id = b.inbox_id
+FROM b WHERE b.gone AND c.id = b.source_key::bigint AND c.landed_inbox_id < b.inbox_id;
 
 INSERT INTO crm.product_category (id, source_parent_id, slug, name, description, landed_run_id, landed_inbox_id)
 SELECT b.source_key::bigint, NULLIF((payload->>'parent')::bigint, 0), payload->>'slug', crm.html_text(payload->>'name'),

@@ -1,5 +1,8 @@
 -- Order notes (keys are "<order id>:<note id>"); a note never changes, it is only added or deleted.
 CREATE TEMP TABLE b ON COMMIT DROP AS SELECT * FROM sync.batch_versions('order_notes');
+UPDATE crm.sales_order_note n SET deleted_at = COALESCE(n.deleted_at, clock_timestamp()), landed_run_id = b.run_id,
+    landed_inbox_id = b.inbox_id
+FROM b WHERE b.gone AND n.id = split_part(b.source_key, ':', 2)::bigint AND n.landed_inbox_id < b.inbox_id;
 INSERT INTO crm.sales_order_note (id, order_id, author, note, is_customer_note, date_created, deleted_at,
                                   landed_run_id, landed_inbox_id)
 SELECT split_part(source_key, ':', 2)::bigint, split_part(source_key, ':', 1)::bigint, payload->>'author',
@@ -8,5 +11,5 @@ SELECT split_part(source_key, ':', 2)::bigint, split_part(source_key, ':', 1)::b
 FROM b WHERE NOT gone
 ON CONFLICT (id) DO UPDATE SET note = EXCLUDED.note, author = EXCLUDED.author,
     is_customer_note = EXCLUDED.is_customer_note, landed_run_id = EXCLUDED.landed_run_id,
-    landed_inbox_id = EXCLUDED.landed_inbox_id
+    landed_inbox_id = EXCLUDED.landed_inbox_id, deleted_at = NULL
 WHERE crm.sales_order_note.landed_inbox_id < EXCLUDED.landed_inbox_id;
