@@ -45,3 +45,11 @@ ON CONFLICT (email_norm) DO UPDATE SET customer_id = EXCLUDED.customer_id,
 
 UPDATE sync.fetch_request f SET fetched_at = clock_timestamp()
 FROM b WHERE f.entity = 'customers' AND f.source_key = b.source_key AND f.fetched_at IS NULL;
+
+-- Orders that arrived before their customer (fetched on demand later): their buyer's contact is linked
+-- now, as the orders transform links it when the customer is already there (the newest order decides).
+UPDATE crm.contact ct SET customer_id = o.customer_id
+FROM (SELECT DISTINCT ON (o.contact_id) o.contact_id, o.customer_id FROM crm.sales_order o
+      JOIN b ON o.customer_id = b.source_key::bigint
+      ORDER BY o.contact_id, o.date_created DESC, o.id DESC) o
+WHERE ct.contact_id = o.contact_id AND ct.customer_id IS NULL;
