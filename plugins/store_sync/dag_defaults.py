@@ -16,8 +16,12 @@ DEFAULT_ARGS = {
 LIVE_POOL = "store_api"
 BACKFILL_POOL = "store_api_backfill"
 TRANSFORM_POOL = "crm_transform"
+FETCH_POOL = "store_api_fetch"
 POOLS = {LIVE_POOL: (4, "store API calls of live sync"), BACKFILL_POOL: (1, "store API calls of backfills"),
-         TRANSFORM_POOL: (1, "CRM transforms (one writer at a time)")}
+         TRANSFORM_POOL: (1, "CRM transforms (one writer at a time)"),
+         FETCH_POOL: (1, "store API calls of fetch on demand (sync.fetch_request)")}
+# Below every other task (Airflow's default weight is 1) when executor slots are short.
+FETCH_PRIORITY = 0
 
 
 class Tag:
@@ -28,6 +32,7 @@ class Tag:
     RECONCILE = "reconcile"
     LOOKUPS = "lookups"
     CRM = "crm"
+    ON_DEMAND = "on-demand"
 
 
 def inbox_asset_name(entity: str) -> str:
