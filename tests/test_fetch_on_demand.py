@@ -3,6 +3,7 @@ run through Airflow (``dag.test()``) against the sandbox store and a real Postgr
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -23,6 +24,20 @@ def requests_of(dsn: str) -> dict[tuple[str, str], dict]:
         cur = conn.execute("SELECT * FROM sync.fetch_request")
         names = [c.name for c in cur.description]
         return {(r[0], r[1]): dict(zip(names, r, strict=True)) for r in cur.fetchall()}
+
+
+def form_run(dag, conf: dict):
+    """``dag.test(run_conf=...)``, then the params as they were: dag.test runs the task in this process, where
+    merging a run's conf into the params sets the value of the DAG's own Param objects (a worker runs each
+    task in a fresh process, so this is a test-only concern), and later runs of the shared DagBag would
+    see this run's ids."""
+    params = [p for holder in (dag.params, *(t.params for t in dag.tasks)) for p in holder.values()]
+    before = [copy.deepcopy(p.value) for p in params]
+    try:
+        return dag.test(run_conf=conf)
+    finally:
+        for p, value in zip(params, before, strict=True):
+            p.value = value
 
 
 def land_only(dsn: str, sandbox, name: str, ids: list[int]) -> None:
@@ -217,7 +232,7 @@ def test_a_404_lands_as_deleted_at_the_source_and_closes_the_request(dagbag, wir
                             ("subscription_orders", missing + 2)):
             conn.execute("SELECT crm.request_fetch(%s, %s)", (target, key))
     # ... and from the form: a customer that exists and one that never did.
-    run = dagbag.get_dag(DAG_ID).test(run_conf={"entity": "customers", "ids": [customer, missing + 3]})
+    run = form_run(dagbag.get_dag(DAG_ID), {"entity": "customers", "ids": [customer, missing + 3]})
     assert run.state == "success"
     assert dagbag.get_dag("crm_transform").test().state == "success"
     gone = ("done", "deleted_at_source")
@@ -269,7 +284,8 @@ def test_a_failing_store_is_retried_with_backoff_until_everything_arrives(dagbag
             break
     state = requests_of(dsn)
     assert all(r["status"] == "done" and r["outcome"] == "fetched" for r in state.values()), \
-        {k: (r["status"], r["attempts"], r["last_error"]) for k, r in state.items() if r["status"] != "done"}
+        {k: (r["status"], r["outcome"], r["attempts"], r["last_error"]) for k, r in state.items()
+         if (r["status"], r["outcome"]) != ("done", "fetched")}
     retried = [r for r in state.values() if r["attempts"] > 1]
     assert retried and all("500" in r["last_error"] for r in retried), "the 500s failed attempts, retried later"
     assert backoffs and all(abs(delay - min(4, 2 ** (attempts - 1))) < 0.05 for attempts, delay in backoffs), backoffs
@@ -281,3 +297,43 @@ def test_a_failing_store_is_retried_with_backoff_until_everything_arrives(dagbag
     reader = sandbox.client(max_retries=20)  # the test's own look at the store, through the same faults
     with_notes = sum(1 for t, key in wanted if t == "order_notes" and reader.get(f"orders/{key}/notes"))
     assert landed == 5 and notes == with_notes > 0
+
+
+def test_refunds_and_related_orders_asked_for_by_their_parent(dagbag, wired, writable_sandbox):
+    sandbox = writable_sandbox
+    dsn = wired(sandbox)
+    client = sandbox.client()
+    order_id = sandbox.export("refunds")[0]["parent_id"]
+    refunds = {r["id"] for r in client.get(f"orders/{order_id}/refunds")}
+    sub = sandbox.export("subscriptions")[0]
+    renewal = client.post("orders", {"status": "processing", "customer_id": sub["customer_id"],
+                                     "meta_data": [{"key": "_subscription_renewal", "value": str(sub["id"])}]})["id"]
+    related = {o["id"] for o in client.get(f"subscriptions/{sub['id']}/orders")}
+    assert {renewal, sub["parent_id"]} <= related
+    migrate(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT crm.request_fetch('order_refunds', %s)", (order_id,))
+        conn.execute("SELECT crm.request_fetch('subscription_orders', %s)", (sub["id"],))
+    dag, transform = dagbag.get_dag(DAG_ID), dagbag.get_dag("crm_transform")
+    assert dag.test().state == "success" and transform.test().state == "success"
+    with psycopg.connect(dsn) as conn:
+        in_crm = {r[0] for r in conn.execute("SELECT id FROM crm.refund WHERE order_id = %s", (order_id,))}
+        orders = {int(k): p for k, p in conn.execute(
+            "SELECT l.source_key, r.payload FROM inbox.latest l JOIN inbox.record r USING (inbox_id) "
+            "WHERE l.entity = 'orders'")}
+        relations = set(conn.execute("SELECT order_id, relation FROM crm.subscription_order WHERE subscription_id = %s",
+                                     (sub["id"],)).fetchall())
+        queued = conn.execute("SELECT status FROM sync.fetch_request WHERE entity = 'orders' AND source_key = %s",
+                              (str(order_id),)).fetchone()
+    assert in_crm == refunds, "the order's refunds, read by include= from /refunds (with parent_id)"
+    assert related <= set(orders) and not any("order_type" in p for p in orders.values()), \
+        "related orders land in the shape live sync lands"
+    assert (renewal, "renewal") in relations
+    assert queued == ("pending",), "the refunds transform queued the refund's order, absent from the CRM"
+    # ... which the next drain fetches: the loop needs no one.
+    assert dag.test().state == "success" and transform.test().state == "success"
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM crm.sales_order WHERE id = %s", (order_id,)).fetchone()[0] == 1
+    done = requests_of(dsn)
+    assert {done[k]["status"] for k in (("order_refunds", str(order_id)), ("subscription_orders", str(sub["id"])),
+                                        ("orders", str(order_id)))} == {"done"}
