@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from . import project
-from .auth import WWW_AUTH, authenticate
+from .auth import WWW_AUTH, authenticate, check_permissions
 from .catalog import ORDER_STATUS_LABELS, SUBSCRIPTION_STATUS_LABELS
 from .domain import Domain, StoreError
 from .faults import GATEWAY, PHP_FATAL, PHP_NOTICE, Faults
@@ -240,14 +240,14 @@ def create_app(store: Store, faults: Faults | None = None, legacy_sort: bool = F
                     authenticate, store, scheme=request.url.scheme, method=request.method, url=url,
                     query=request.url.query, headers={k.lower(): v for k, v in request.headers.items()}, form=form)
             except StoreError as exc:
-                headers = {"WWW-Authenticate": exc.data["www_authenticate"]} if "www_authenticate" in exc.data else None
-                return error(exc.code, exc.message, exc.status, headers)
+                return error(exc.code, exc.message, exc.status)
             method = request.headers.get("x-http-method-override", request.method).upper()
             if key is None:
                 return error(*denied(method, path))
-            if method not in ("GET", "HEAD", "OPTIONS") and key["permissions"] == "read":
-                return error("woocommerce_rest_authentication_error",
-                             "The API key provided does not have write permissions.", 401)
+            try:
+                check_permissions(key, method)  # rest_pre_dispatch: read scope for GET, write for the rest
+            except StoreError as exc:
+                return error(exc.code, exc.message, exc.status)
             request.state.key = key
         try:
             response = await call_next(request)

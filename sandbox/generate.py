@@ -34,7 +34,9 @@ SIZES = {
     "large": Size(customers=150_000, products=3_000, orders=1_000_000, subscriptions=40_000, days=1_460),
 }
 
-DEFAULT_KEYS = (("ck_sandbox", "cs_sandbox", "read_write"), ("ck_sandbox_ro", "cs_sandbox_ro", "read"))
+# A key's scope is read, write or read_write; a write-only key is legal and cannot read.
+DEFAULT_KEYS = (("ck_sandbox", "cs_sandbox", "read_write"), ("ck_sandbox_ro", "cs_sandbox_ro", "read"),
+                ("ck_sandbox_wo", "cs_sandbox_wo", "write"))
 
 
 def generate(path: str | Path, size: str = "tiny", seed: int = 1, timezone: str = "Europe/Madrid",
