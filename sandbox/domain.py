@@ -63,6 +63,34 @@ class StoreError(Exception):
         self.code, self.message, self.status, self.data = code, message, status, data
 
 
+def wp_list(values) -> str:
+    """``wp_sprintf_l``: 'a', 'a and b', 'a, b, and c' (wp-includes/formatting.php)."""
+    values = [str(v) for v in values]
+    if len(values) <= 1:
+        return "".join(values)
+    if len(values) == 2:
+        return f"{values[0]} and {values[1]}"
+    return ", ".join(values[:-1]) + ", and " + values[-1]
+
+
+def enum_error(param: str, allowed) -> tuple[str, str, None]:
+    """``rest_validate_enum`` (wp-includes/rest-api.php): code rest_not_in_enum, no error data."""
+    allowed = list(allowed)
+    if len(allowed) == 1:
+        return "rest_not_in_enum", f"{param} is not {allowed[0]}.", None
+    return "rest_not_in_enum", f"{param} is not one of {wp_list(allowed)}.", None
+
+
+def invalid_params(errors: dict[str, tuple[str, str, object]]) -> StoreError:
+    """``WP_REST_Request::has_valid_params``: every bad parameter at once, each with its reason in
+    ``params`` and the whole ``rest_convert_error_to_response`` body ({code, message, data}) in ``details``
+    (wp-includes/rest-api/class-wp-rest-request.php)."""
+    return StoreError("rest_invalid_param", f"Invalid parameter(s): {', '.join(errors)}", 400,
+                      params={k: msg for k, (_, msg, _) in errors.items()},
+                      details={k: {"code": code, "message": msg, "data": data}
+                               for k, (code, msg, data) in errors.items()})
+
+
 # --------------------------------------------------------------------------------------------
 # Row builders
 # --------------------------------------------------------------------------------------------
@@ -206,8 +234,7 @@ class Domain:
     def create_customer(self, data: dict) -> int:
         email = (data.get("email") or "").strip()
         if not email or "@" not in email:
-            raise StoreError("rest_invalid_param", "Invalid parameter(s): email", 400,
-                             params={"email": "Invalid email address."})
+            raise invalid_params({"email": ("rest_invalid_email", "Invalid email address.", None)})
         if self.db.execute("SELECT 1 FROM users WHERE user_email=?", (email,)).fetchone():
             raise StoreError("registration-error-email-exists",
                              "An account is already registered with your email address.", 400)
@@ -278,8 +305,7 @@ class Domain:
         status = data.get("status", "pending")
         valid = SUBSCRIPTION_STATUS_LABELS if post_type == "shop_subscription" else ORDER_STATUS_LABELS
         if status not in valid:
-            raise StoreError("rest_invalid_param", "Invalid parameter(s): status", 400,
-                             params={"status": f"status is not one of {', '.join(valid)}."})
+            raise invalid_params({"status": enum_error("status", valid)})
         products = []
         for li in data.get("line_items") or []:
             pid = int(li.get("variation_id") or li.get("product_id") or 0)
@@ -361,10 +387,10 @@ class Domain:
             code = "woocommerce_rest_shop_subscription_invalid_id" if resource == "subscription" else "woocommerce_rest_shop_order_invalid_id"
             raise StoreError(code, "Invalid ID.", 400)
         valid = SUBSCRIPTION_STATUS_LABELS if post_type == "shop_subscription" else ORDER_STATUS_LABELS
-        for key in ("status", "transition_status"):
-            if key in data and data[key] not in valid:
-                raise StoreError("rest_invalid_param", f"Invalid parameter(s): {key}", 400,
-                                 params={key: f"{key} is not one of {', '.join(valid)}."})
+        errors = {key: enum_error(key, valid) for key in ("status", "transition_status")
+                  if key in data and data[key] not in valid}
+        if errors:
+            raise invalid_params(errors)
         if "customer_id" in data and int(data["customer_id"] or 0):
             if not self.db.execute("SELECT 1 FROM users WHERE id=?", (int(data["customer_id"]),)).fetchone():
                 raise StoreError("woocommerce_rest_invalid_customer_id", "Customer ID is invalid.", 400)
