@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from . import project
 from .auth import WWW_AUTH, authenticate, check_permissions
 from .catalog import ORDER_STATUS_LABELS, SUBSCRIPTION_STATUS_LABELS
-from .domain import Domain, StoreError, enum_error, invalid_params
+from .domain import Domain, StoreError, UncaughtException, enum_error, invalid_params
 from .faults import GATEWAY, PHP_FATAL, PHP_NOTICE, Faults
 from .storage import WP_FORMAT, Store
 from .webhooks import WebhookDeliverer
@@ -46,6 +46,20 @@ ORDERBY = {
 def error(code: str, message: str, status: int, headers: dict | None = None, **data) -> JSONResponse:
     return JSONResponse({"code": code, "message": message, "data": {"status": status, **data}},
                         status_code=status, headers=headers)
+
+
+def fatal(request: Request) -> Response:
+    """An uncaught PHP exception: WP_Fatal_Error_Handler's wp_die() answers 500, as JSON
+    (``_json_wp_die_handler``) when the request is JSON, else the HTML page. The exception's own
+    message is only logged, never shown."""
+    wants_json = "json" in request.headers.get("content-type", "") or "json" in request.headers.get("accept", "")
+    if not wants_json:
+        return Response(PHP_FATAL, status_code=500, media_type="text/html")
+    return JSONResponse({"code": "internal_server_error",
+                         "message": "<p>There has been a critical error on this website.</p><p><a href=\""
+                                    "https://wordpress.org/documentation/article/faq-troubleshooting/\">Learn more "
+                                    "about troubleshooting WordPress.</a></p>",
+                         "data": {"status": 500}, "additional_errors": []}, status_code=500)
 
 
 # Registration order of the CRUD controllers' collection params (get_collection_params in
@@ -288,6 +302,8 @@ def create_app(store: Store, faults: Faults | None = None, legacy_sort: bool = F
             request.state.key = key
         try:
             response = await call_next(request)
+        except UncaughtException:
+            return fatal(request)
         except StoreError as exc:
             return error(exc.code, exc.message, exc.status, **exc.data)
         body_fault = f.pick_body_fault() if request.method == "GET" and response.status_code == 200 else None
@@ -321,7 +337,9 @@ def create_app(store: Store, faults: Faults | None = None, legacy_sort: bool = F
         return error("rest_no_route", "No route was found matching the URL and request method.", 404)
 
     @app.exception_handler(StoreError)
-    async def store_error(_request: Request, exc: StoreError):
+    async def store_error(request: Request, exc: StoreError):
+        if isinstance(exc, UncaughtException):
+            return fatal(request)
         return error(exc.code, exc.message, exc.status, **exc.data)
 
     def base(request: Request) -> str:
@@ -665,11 +683,13 @@ def create_app(store: Store, faults: Faults | None = None, legacy_sort: bool = F
         if sub is None:
             raise StoreError("woocommerce_rest_invalid_shop_subscription_id", "Invalid subscription ID.", 404)
         related = [(sub["post_parent"], "parent_order")] if sub["post_parent"] else []
+        # get_related_orders() per type, parent then renewal then switch; within a type the
+        # related-order store answers newest id first (WCS get_subscription_orders).
         related += [(r[0], "renewal_order") for r in store.db.execute(
-            "SELECT post_id FROM postmeta WHERE meta_key='_subscription_renewal' AND meta_value=? ORDER BY post_id",
+            "SELECT post_id FROM postmeta WHERE meta_key='_subscription_renewal' AND meta_value=? ORDER BY post_id DESC",
             (json.dumps(str(sid)),))]
         related += [(r[0], "switch_order") for r in store.db.execute(
-            "SELECT post_id FROM postmeta WHERE meta_key='_subscription_switch' AND meta_value=? ORDER BY post_id",
+            "SELECT post_id FROM postmeta WHERE meta_key='_subscription_switch' AND meta_value=? ORDER BY post_id DESC",
             (json.dumps(str(sid)),))]
         kinds = dict(related)
         docs = project.orders(store, [i for i, _ in related], base(request))
@@ -885,6 +905,8 @@ def create_app(store: Store, faults: Faults | None = None, legacy_sort: bool = F
             try:
                 with store.write_lock:
                     return fn(arg)
+            except UncaughtException:
+                raise  # kills the whole batch request, as the PHP exception would
             except StoreError as exc:
                 return {"id": fallback_id, "error": {"code": exc.code, "message": exc.message,
                                                      "data": {"status": exc.status, **exc.data}}}

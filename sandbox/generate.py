@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from . import catalog
-from .domain import POST_INSERT, build_order_lines, money, order_lines_rows, post_row
+from .domain import POST_INSERT, add_period, build_order_lines, money, order_lines_rows, post_row
 from .storage import LISTS, WP_FORMAT, Store, dumps
 
 
@@ -212,7 +212,7 @@ class Generator:
                 rows["_course_id"] = rng.randint(1000, 9999)  # LMS plugins link the course by product meta
             if ptype == "subscription":
                 rows["_subscription_period"] = "month" if "Monthly" in title else "year"
-                rows["_subscription_period_interval"] = 1
+                rows["_subscription_period_interval"] = rng.choice([1, 1, 2])
             if rng.random() < 0.1:
                 rows["_yoast_wpseo_focuskw"] = title.lower()
             meta.extend((pid, k, dumps(v)) for k, v in rows.items())
@@ -244,7 +244,8 @@ class Generator:
                         self.sellable.append({"id": vid, "parent_id": pid, "name": vname, "price": vprice,
                                               "item_meta": {"pa_color": color[1].lower(), "pa_size": sz[1]}})
             elif ptype == "subscription":
-                self.subscription_products.append(base | {"period": rows["_subscription_period"]})
+                self.subscription_products.append(base | {"period": rows["_subscription_period"],
+                                                          "interval": rows["_subscription_period_interval"]})
                 self.sellable.append(base)
             else:
                 self.sellable.append(base)
@@ -254,7 +255,7 @@ class Generator:
 
     def order_rows(self, oid: int, post_type: str, status: str, created: datetime, modified: datetime,
                    customer: int, parent: int, products: list[dict], qtys: list[int],
-                   extra_meta: dict, sink: dict) -> dict:
+                   extra_meta: dict, sink: dict, fee_rate: float = 0.05) -> dict:
         rng = self.rng
         first_last = (rng.choice(catalog.FIRST_NAMES), rng.choice(catalog.LAST_NAMES))
         email = self.emails.get(customer) or f"guest{oid}@{rng.choice(['mail.com', 'correo.es'])}"
@@ -263,7 +264,7 @@ class Generator:
         billing = self.address(*first_last, email)
         physical = any(not p.get("virtual", True) for p in products) or rng.random() < 0.3
         shipping = round(rng.choice([4.95, 9.9, 0.0]), 2) if physical else None
-        fee = 1.5 if rng.random() < 0.05 else None
+        fee = 1.5 if rng.random() < fee_rate else None
         coupon = ("welcome10", 10.0) if rng.random() < 0.1 else None
         lines, totals = build_order_lines(products, qtys, rng.choice([0.21, 0.10, 0.0]), shipping, fee, coupon,
                                           rate_id=rng.choice([1, 2, 3]), rate_code="ES-IVA-1")
@@ -373,23 +374,29 @@ class Generator:
                             [product], [1], {}, sink)
             sid = self.next_post()
             status = rng.choice(statuses)
-            period = product["period"]
-            step = timedelta(days=30 if period == "month" else 365)
+            period, interval = product["period"], product["interval"]
+            offset = self.store.tz.utcoffset(created) or timedelta(0)
+
+            def step(d: datetime, interval=interval, period=period, offset=offset) -> datetime:
+                # Renewals follow the billing interval, in calendar periods (wcs_add_time).
+                return add_period(d, interval, period, offset)
+
             renewals, last_paid = [], created
-            while last_paid + step < self.now and len(renewals) < 24:
-                last_paid += step
+            while step(last_paid) < self.now and len(renewals) < 24:
+                last_paid = step(last_paid)
                 renewals.append(last_paid)
             modified = max([created, *renewals]) + timedelta(minutes=1)
             fmt = lambda d: d.strftime(WP_FORMAT) if d else ""  # noqa: E731 - GMT-only, "" when unset
-            sched = {"_billing_period": period, "_billing_interval": "1", "_schedule_start": fmt(created),
+            sched = {"_billing_period": period, "_billing_interval": str(interval), "_schedule_start": fmt(created),
                      "_schedule_trial_end": "", "_schedule_last_payment": fmt(last_paid),
-                     "_schedule_next_payment": fmt(last_paid + step) if status == "active" else "",
+                     "_schedule_next_payment": fmt(step(last_paid)) if status == "active" else "",
                      "_schedule_cancelled": fmt(modified) if status in ("cancelled", "pending-cancel") else "",
                      "_schedule_end": fmt(modified) if status in ("cancelled", "expired") else ""}
             if rng.random() < 0.5:
                 sched["_stripe_customer_id"] = f"cus_{rng.getrandbits(40):x}"
+            # Recurring fees (a sign-up kit, a payment surcharge) are copied onto the subscription.
             self.order_rows(sid, "shop_subscription", status, created, min(self.now, modified), customer, parent,
-                            [product], [1], sched, sink)
+                            [product], [1], sched, sink, fee_rate=0.5)
             for when in renewals:
                 oid = self.next_post()
                 self.order_rows(oid, "shop_order", rng.choices(["completed", "processing", "failed"], [85, 10, 5])[0],

@@ -13,6 +13,9 @@ from .domain import (
     ORDER_INTERNAL_META,
     PRODUCT_INTERNAL_META,
     USER_INTERNAL_META,
+    Domain,
+    needs_processing,
+    product_flags,
 )
 from .storage import WP_FORMAT, Store
 
@@ -220,7 +223,48 @@ def _skus(store: Store, product_ids: set[int]) -> dict[int, str | None]:
     return out
 
 
-def line_items(store: Store, items: list, skus: dict[int, str | None], refund: bool = False) -> dict[str, list]:
+def _variation_parents(store: Store, product_ids: set[int]) -> dict[int, str]:
+    """Variation id -> its parent's title: ``parent_name`` (a variation's ``get_title()``)."""
+    if not product_ids:
+        return {}
+    ids = list(product_ids)
+    return {r[0]: r[1] for r in store.db.execute(
+        f"SELECT v.id, p.post_title FROM posts v JOIN posts p ON p.id=v.post_parent "
+        f"WHERE v.post_type='product_variation' AND v.id IN ({','.join('?' * len(ids))})", ids)}
+
+
+def _thumbnails(store: Store, product_ids: set[int]) -> dict[int, int]:
+    """Product id -> its featured image's attachment id (``_thumbnail_id``), when it has one."""
+    if not product_ids:
+        return {}
+    ids = list(product_ids)
+    return {r[0]: int(r[1]) for r in store.db.execute(
+        f"SELECT post_id, meta_value FROM postmeta WHERE meta_key='_thumbnail_id' "
+        f"AND post_id IN ({','.join('?' * len(ids))})", ids) if r[1] and int(r[1])}
+
+
+def attachments(store: Store, ids: list[int], site: str) -> dict[int, dict]:
+    """Attachment posts as the REST image objects (``get_images`` in the products controller)."""
+    if not ids:
+        return {}
+    marks = ",".join("?" * len(ids))
+    rows = {r["id"]: r for r in store.db.execute(
+        f"SELECT * FROM posts WHERE post_type='attachment' AND id IN ({marks})", ids)}
+    metas = store.meta_for("postmeta", "post_id", list(rows))
+    out = {}
+    for aid, r in rows.items():
+        m = {k: v for _, k, v in metas[aid]}
+        created, modified = pair(store, r["post_date_gmt"]), pair(store, r["post_modified_gmt"])
+        src = f"{site}/wp-content/uploads/{m.get('_wp_attached_file', '')}"
+        out[aid] = {"id": aid, "date_created": created[0], "date_created_gmt": created[1],
+                    "date_modified": modified[0], "date_modified_gmt": modified[1], "src": src,
+                    "name": r["post_title"], "alt": m.get("_wp_attachment_image_alt", "")}
+    return out
+
+
+def line_items(store: Store, items: list, skus: dict[int, str | None], refund: bool = False,
+               parents: dict[int, str] | None = None, images: dict[int, tuple[int, str]] | None = None,
+               guids: dict[int, str] | None = None) -> dict[str, list]:
     groups: dict[str, list] = {"line_items": [], "tax_lines": [], "shipping_lines": [], "fee_lines": [],
                                "coupon_lines": []}
     for item_id, kind, name, meta_rows in items:
@@ -230,13 +274,19 @@ def line_items(store: Store, items: list, skus: dict[int, str | None], refund: b
             qty = int(m.get("_qty") or 0)
             total = float(m.get("_line_total") or 0)
             pid, vid = int(m.get("_product_id") or 0), int(m.get("_variation_id") or 0)
+            # get_order_item_data (class-wc-rest-orders-v2-controller.php): sku/global_unique_id null when
+            # the product is gone, image {id: 0, src: ""} without one, parent_name only for variations.
+            exists = (vid or pid) in skus
+            image_id, image_src = (images or {}).get(vid or pid, (0, ""))
             entry = {
                 "id": item_id, "name": name, "product_id": pid, "variation_id": vid, "quantity": qty,
                 "tax_class": m.get("_tax_class", ""), "subtotal": m.get("_line_subtotal", "0.00"),
                 "subtotal_tax": m.get("_line_subtotal_tax", "0.00"), "total": m.get("_line_total", "0.00"),
                 "total_tax": m.get("_line_tax", "0.00"), "taxes": _taxes(m.get("_line_tax_data")),
                 "meta_data": meta_data, "sku": skus.get(vid or pid),
-                "price": (total / qty) if qty else 0, "image": {"id": "", "src": ""}, "parent_name": None,
+                "global_unique_id": (guids or {}).get(vid or pid, "") if exists else None,
+                "price": (total / qty) if qty else 0, "image": {"id": image_id, "src": image_src},
+                "parent_name": (parents or {}).get(vid) if vid else None,
             }
             if refund:
                 entry["refund_total"] = float(m.get("_line_total") or 0)
@@ -277,8 +327,26 @@ def orders(store: Store, ids: list[int], base: str, post_type: str = "shop_order
     live = [i for i in ids if i in rows]
     metas = store.meta_for("postmeta", "post_id", live)
     items = _items(store, live)
-    skus = _skus(store, {int(v) for i in live for _, kind, _, mr in items[i] if kind == "line_item"
-                         for _, k, v in mr if k in ("_product_id", "_variation_id") and v})
+    line_products: dict[int, list[int]] = {}
+    for i in live:
+        line_products[i] = []
+        for _, kind, _, mr in items[i]:
+            if kind == "line_item":
+                m = {k: v for _, k, v in mr}
+                line_products[i].append(int(m.get("_variation_id") or 0) or int(m.get("_product_id") or 0))
+    product_ids = {int(v) for i in live for _, kind, _, mr in items[i] if kind == "line_item"
+                   for _, k, v in mr if k in ("_product_id", "_variation_id") and v}
+    skus = _skus(store, product_ids)
+    flags = product_flags(store, {p for ps in line_products.values() for p in ps})
+    parents = _variation_parents(store, product_ids)
+    site = base.split("/wp-json")[0]
+    thumbs = _thumbnails(store, product_ids)
+    images = {pid: (aid, a["src"]) for pid, aid in thumbs.items()
+              if (a := attachments(store, [aid], site).get(aid))}
+    guids = {r[0]: (r[1] or '""').strip('"') for r in store.db.execute(
+        f"SELECT post_id, meta_value FROM postmeta WHERE meta_key='_global_unique_id' "
+        f"AND post_id IN ({','.join('?' * len(product_ids))})", list(product_ids))} if product_ids else {}
+    domain = Domain(store)
     refunds: dict[int, list] = {i: [] for i in live}
     if post_type == "shop_order" and live:
         for r in store.db.execute(
@@ -321,20 +389,30 @@ def orders(store: Store, ids: list[int], base: str, post_type: str = "shop_order
             "date_completed": completed[0], "date_completed_gmt": completed[1],
             "cart_hash": m.get("_cart_hash", ""),
             "meta_data": visible_meta(metas[oid], ORDER_INTERNAL_META),
-            **line_items(store, items[oid], skus),
+            **line_items(store, items[oid], skus, parents=parents, images=images, guids=guids),
             "_links": links(base, collection, oid, **extra),
         }
+        # get_checkout_payment_url() carries the order key; needs_payment() wants a total above zero;
+        # needs_processing() is false when every line's product is virtual and downloadable.
+        doc["payment_url"] = f"{site}/checkout/order-pay/{oid}/?pay_for_order=true&key={doc['order_key']}"
         if post_type == "shop_order":
             doc["refunds"] = refunds[oid]
-            doc["payment_url"] = f"{base.split('/wp-json')[0]}/checkout/order-pay/{oid}/?pay_for_order=true"
             doc["is_editable"] = p["post_status"] in ("pending", "on-hold", "auto-draft")
-            doc["needs_payment"] = p["post_status"] in ("pending", "failed")
-            doc["needs_processing"] = True
+            doc["needs_payment"] = p["post_status"] in ("pending", "failed") and float(doc["total"] or 0) > 0
+            doc["needs_processing"] = needs_processing(line_products[oid], flags)
         else:
+            # WCS 9 (includes/api/class-wc-rest-subscriptions-controller.php): no transaction_id, cart_hash,
+            # refunds or set_paid; every sandbox gateway supports amount changes, so is_editable.
             for key in ("transaction_id", "cart_hash"):
                 doc.pop(key, None)
+            doc["is_editable"] = True
+            doc["needs_payment"] = domain.subscription_needs_payment(oid)
+            doc["needs_processing"] = needs_processing(line_products[oid], flags)
             doc["billing_period"] = m.get("_billing_period", "month")
             doc["billing_interval"] = str(m.get("_billing_interval", "1"))
+            doc["trial_period"] = m.get("_trial_period") or ""
+            doc["suspension_count"] = int(m.get("_suspension_count") or 0)
+            doc["requires_manual_renewal"] = m.get("_requires_manual_renewal") in (True, "true", "yes")
             for key in ("start", "trial_end", "next_payment", "last_payment", "cancelled", "end"):
                 out_key = {"start": "start_date_gmt", "trial_end": "trial_end_date_gmt",
                            "next_payment": "next_payment_date_gmt", "last_payment": "last_payment_date_gmt",

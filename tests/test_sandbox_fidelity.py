@@ -3,9 +3,16 @@ checked over real HTTP against what WooCommerce / WooCommerce Subscriptions code
 
 from __future__ import annotations
 
+import calendar
+import time
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
 import requests
 
 from store_sync.client import oauth_params
+
+GMT = "%Y-%m-%dT%H:%M:%S"
 
 
 def call(sandbox, method: str, endpoint: str, params: dict | None = None, body: dict | None = None):
@@ -51,3 +58,136 @@ def test_bad_body_enum_names_the_allowed_values(writable_sandbox):
     assert r.status_code == 400
     details = r.json()["data"]["details"]["status"]
     assert details["code"] == "rest_not_in_enum" and details["message"].endswith("failed, and checkout-draft.")
+
+
+def site_months(gmt: str, months: int) -> str:
+    """wcs_add_months with 'offset_site_time', written out independently: calendar months in site
+    time (Europe/Madrid), clamped to the month's last day, last day staying last day."""
+    when = datetime.strptime(gmt, GMT)
+    offset = ZoneInfo("Europe/Madrid").utcoffset(datetime.now(UTC).replace(tzinfo=None))
+    local = when + offset
+    for _ in range(months):
+        last = calendar.monthrange(local.year, local.month)[1]
+        year, month = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
+        days = calendar.monthrange(year, month)[1]
+        day = days if local.day == last or local.day > days else local.day
+        local = local.replace(year=year, month=month, day=day)
+    return (local - offset).strftime(GMT)
+
+
+def notes(sandbox, endpoint: str) -> list[str]:
+    return [n["note"] for n in call(sandbox, "GET", f"{endpoint}/notes").json()]
+
+
+# -- subscriptions ----------------------------------------------------------------------------------
+def test_refused_transition_is_a_500_with_a_note_and_status_is_not_checked(writable_sandbox):
+    client = writable_sandbox.client()
+    cancelled = client.get("subscriptions", {"status": "cancelled", "per_page": 1})[0]
+    sid = cancelled["id"]
+    r = call(writable_sandbox, "PUT", f"subscriptions/{sid}",
+             body={"transition_status": "active", "billing": {"city": "Nowhere"}})
+    assert r.status_code == 500 and r.json()["code"] == "internal_server_error"
+    after = client.get(f"subscriptions/{sid}")
+    assert after["status"] == "cancelled" and after["billing"]["city"] != "Nowhere", "nothing else is saved"
+    assert after["date_modified_gmt"] == cancelled["date_modified_gmt"]
+    assert 'Unable to change subscription status to "active".' in notes(writable_sandbox, f"subscriptions/{sid}")
+    for refused in ("on-hold", "pending", "switched"):
+        assert call(writable_sandbox, "PUT", f"subscriptions/{sid}", body={"transition_status": refused}).status_code == 500
+    expired = client.get("subscriptions", {"status": "expired", "per_page": 1})[0]
+    assert call(writable_sandbox, "PUT", f"subscriptions/{expired['id']}",
+                body={"transition_status": "pending-cancel"}).status_code == 500
+    # A refused change inside a batch kills the whole request, as the uncaught exception does.
+    r = call(writable_sandbox, "POST", "subscriptions/batch", body={"update": [{"id": sid, "transition_status": "active"}]})
+    assert r.status_code == 500
+    # `status` is set_status(): no rule, no date side effect.
+    forced = client.put(f"subscriptions/{sid}", {"status": "active"})
+    assert forced["status"] == "active" and forced["next_payment_date_gmt"] == cancelled["next_payment_date_gmt"]
+    assert "Status changed from Cancelled to Active." in notes(writable_sandbox, f"subscriptions/{sid}")
+
+
+def test_reactivation_keeps_a_future_next_payment_and_counts_calendar_months(writable_sandbox):
+    client = writable_sandbox.client()
+    active = client.get("subscriptions", {"status": "active", "per_page": 1})[0]
+    held = client.put(f"subscriptions/{active['id']}", {"transition_status": "on-hold"})
+    assert held["suspension_count"] == active["suspension_count"] + 1
+    back = client.put(f"subscriptions/{active['id']}", {"transition_status": "active"})
+    assert back["status"] == "active" and back["next_payment_date_gmt"] == active["next_payment_date_gmt"]
+    on_hold = client.get("subscriptions", {"status": "on-hold", "per_page": 1})[0]
+    assert on_hold["next_payment_date_gmt"] == ""
+    revived = client.put(f"subscriptions/{on_hold['id']}", {"transition_status": "active"})
+    soon = (datetime.now(UTC).replace(tzinfo=None) + timedelta(hours=2)).strftime(GMT)
+    step = int(on_hold["billing_interval"]) * (12 if on_hold["billing_period"] == "year" else 1)
+    n, expected = 1, site_months(on_hold["last_payment_date_gmt"], step)
+    while expected < soon:
+        n += 1
+        expected = site_months(on_hold["last_payment_date_gmt"], n * step)
+    assert revived["next_payment_date_gmt"] == expected
+
+
+def test_cancel_date_is_set_once(writable_sandbox):
+    client = writable_sandbox.client()
+    sub = client.get("subscriptions", {"status": "active", "per_page": 1})[0]
+    pending = client.put(f"subscriptions/{sub['id']}", {"transition_status": "pending-cancel"})
+    assert pending["cancelled_date_gmt"] and pending["next_payment_date_gmt"] == ""
+    assert pending["end_date_gmt"] == sub["next_payment_date_gmt"], "paid up until the next payment"
+    time.sleep(1.1)
+    cancelled = client.put(f"subscriptions/{sub['id']}", {"transition_status": "cancelled"})
+    assert cancelled["cancelled_date_gmt"] == pending["cancelled_date_gmt"]
+    assert cancelled["end_date_gmt"] > pending["cancelled_date_gmt"]
+
+
+def test_related_orders_newest_first_within_a_type(writable_sandbox):
+    client = writable_sandbox.client()
+    sub = client.get("subscriptions", {"status": "active", "per_page": 1})[0]
+    for _ in range(2):  # renewal orders are tied to their subscription by the _subscription_renewal meta
+        client.post("orders", {"customer_id": sub["customer_id"], "status": "completed",
+                               "meta_data": [{"key": "_subscription_renewal", "value": str(sub["id"])}]})
+    related, headers = client.request("GET", f"subscriptions/{sub['id']}/orders")
+    renewals = [o["id"] for o in related if o["order_type"] == "renewal_order"]
+    assert related[0]["order_type"] == "parent_order" and related[0]["id"] == sub["parent_id"]
+    assert len(renewals) >= 2 and renewals == sorted(renewals, reverse=True)
+    assert headers["X-WP-TotalPages"] == "1" and headers["X-WP-Total"] == str(len(related))
+
+
+def test_generated_renewals_follow_the_billing_interval(sandbox):
+    subs = [s for s in sandbox.export("subscriptions") if s["status"] == "active"]
+    assert subs and {s["billing_interval"] for s in sandbox.export("subscriptions")} >= {"1"}
+    for s in subs:
+        step = int(s["billing_interval"]) * (12 if s["billing_period"] == "year" else 1)
+        assert s["next_payment_date_gmt"] == site_months(s["last_payment_date_gmt"], step)
+
+
+# -- orders -----------------------------------------------------------------------------------------
+def test_set_paid_acts_only_when_the_order_needs_payment(writable_sandbox):
+    client = writable_sandbox.client()
+    pending = [o for o in client.get("orders", {"status": "pending", "per_page": 3}) if float(o["total"]) > 0]
+    held = client.put(f"orders/{pending[0]['id']}", {"status": "on-hold", "set_paid": True})
+    assert held["status"] == "on-hold" and held["date_paid"] is None, "set_paid runs after the status change"
+    assert client.put(f"orders/{pending[0]['id']}", {"set_paid": True})["status"] == "on-hold"
+    paid = client.put(f"orders/{pending[1]['id']}", {"set_paid": True, "transaction_id": "tx-1"})
+    assert paid["status"] == ("processing" if pending[1]["needs_processing"] else "completed")
+    assert paid["date_paid_gmt"] and paid["transaction_id"] == "tx-1" and not paid["needs_payment"]
+    processing = client.get("orders", {"status": "processing", "per_page": 1})[0]
+    again = client.put(f"orders/{processing['id']}", {"set_paid": True})
+    assert again["status"] == "processing" and again["date_paid_gmt"] == processing["date_paid_gmt"]
+
+
+def test_date_paid_once_date_completed_on_every_entry(writable_sandbox):
+    client = writable_sandbox.client()
+    done = client.get("orders", {"status": "completed", "per_page": 1})[0]
+    back = client.put(f"orders/{done['id']}", {"status": "processing"})
+    assert back["date_paid_gmt"] == done["date_paid_gmt"] and back["date_completed_gmt"] == done["date_completed_gmt"]
+    time.sleep(1.1)
+    redone = client.put(f"orders/{done['id']}", {"status": "completed"})
+    assert redone["date_completed_gmt"] > done["date_completed_gmt"]
+    assert redone["date_paid_gmt"] == done["date_paid_gmt"]
+    assert "Order status changed from Processing to Completed." in notes(writable_sandbox, f"orders/{done['id']}")
+
+
+def test_virtual_downloadable_orders_skip_processing(writable_sandbox):
+    client = writable_sandbox.client()
+    product = next(p for p in client.iter_records("products", {"type": "simple"})
+                   if p["virtual"] and p["downloadable"] and p["status"] == "publish")
+    order = client.post("orders", {"status": "pending", "set_paid": True,
+                                    "line_items": [{"product_id": product["id"], "quantity": 1}]})
+    assert order["status"] == "completed" and order["needs_processing"] is False and order["date_paid_gmt"]
