@@ -23,7 +23,7 @@ from .catalog import ORDER_STATUS_LABELS, SUBSCRIPTION_STATUS_LABELS
 from .domain import Domain, StoreError, UncaughtException, enum_error, invalid_params
 from .faults import GATEWAY, PHP_FATAL, PHP_NOTICE, Faults
 from .storage import WP_FORMAT, Store
-from .webhooks import WebhookDeliverer
+from .webhooks import WebhookDeliverer, default_secret
 
 NS = "/wp-json/wc/v3"
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}(?::?\d{2})?)?$")
@@ -849,7 +849,7 @@ def create_app(store: Store, faults: Faults | None = None, legacy_sort: bool = F
                 "INSERT INTO webhooks(name, status, topic, delivery_url, secret, date_created_gmt, date_modified_gmt) "
                 "VALUES (?,?,?,?,?,?,?)",
                 (body.get("name", body["topic"]), body.get("status", "active"), body["topic"], body["delivery_url"],
-                 body.get("secret") or "sandbox-default-secret", now, now))
+                 body.get("secret") or default_secret(), now, now))
         wid = cur.lastrowid
         await asyncio.to_thread(hooks.ping, wid)
         row = store.db.execute("SELECT * FROM webhooks WHERE id=?", (wid,)).fetchone()

@@ -4,6 +4,7 @@ checked over real HTTP against what WooCommerce / WooCommerce Subscriptions code
 from __future__ import annotations
 
 import calendar
+import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -11,6 +12,7 @@ from zoneinfo import ZoneInfo
 import requests
 
 from store_sync.client import oauth_params
+from tests.helpers import free_port
 
 GMT = "%Y-%m-%dT%H:%M:%S"
 
@@ -191,3 +193,32 @@ def test_virtual_downloadable_orders_skip_processing(writable_sandbox):
     order = client.post("orders", {"status": "pending", "set_paid": True,
                                     "line_items": [{"product_id": product["id"], "quantity": 1}]})
     assert order["status"] == "completed" and order["needs_processing"] is False and order["date_paid_gmt"]
+
+
+# -- webhooks ---------------------------------------------------------------------------------------
+def test_webhook_disabled_on_the_seventh_consecutive_failure_with_a_random_default_secret(writable_sandbox):
+    client = writable_sandbox.client()
+    dead = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens: every delivery fails
+    hook = client.post("webhooks", {"name": "down", "topic": "order.updated", "delivery_url": dead})
+    other = client.post("webhooks", {"name": "other", "topic": "order.created", "delivery_url": dead})
+    db = sqlite3.connect(writable_sandbox.db)
+
+    def state():
+        return db.execute("SELECT status, failure_count FROM webhooks WHERE id=?", (hook["id"],)).fetchone()
+
+    secrets = [r[0] for r in db.execute("SELECT secret FROM webhooks WHERE id IN (?, ?)", (hook["id"], other["id"]))]
+    assert len(set(secrets)) == 2 and all(len(x) == 50 for x in secrets), "random, not derived or fixed"
+    orders = [o["id"] for o in client.get("orders", {"per_page": 7})]
+    assert len(orders) == 7
+
+    def fail_once(order_id: int, expected: tuple[str, int]) -> None:
+        client.put(f"orders/{order_id}", {"customer_note": "poke"})
+        deadline = time.monotonic() + 15
+        while state() != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state() == expected
+
+    for n, order_id in enumerate(orders[:6], start=1):
+        fail_once(order_id, ("active", n))
+    fail_once(orders[6], ("disabled", 6))
+    assert client.get(f"webhooks/{hook['id']}")["status"] == "disabled"
