@@ -30,7 +30,11 @@ PRODUCT_INTERNAL_META = {
     "_sku", "_price", "_regular_price", "_sale_price", "_virtual", "_downloadable", "_tax_status", "_tax_class",
     "_manage_stock", "_stock", "_stock_status", "_weight", "_product_type", "_product_attributes",
     "_variation_attributes", "total_sales", "_subscription_period", "_subscription_period_interval",
-    "_wp_trash_meta_status", "_description", "_short_description",
+    "_wp_trash_meta_status", "_description", "_short_description", "_thumbnail_id", "_product_image_gallery",
+    "_sale_price_dates_from", "_sale_price_dates_to", "_downloadable_files", "_download_limit", "_download_expiry",
+    "_length", "_width", "_height", "_backorders", "_low_stock_amount", "_global_unique_id", "_sold_individually",
+    "_purchase_note", "_upsell_ids", "_crosssell_ids", "_wc_rating_count", "_wc_review_count", "_wc_average_rating",
+    "_product_url", "_button_text", "_children", "_featured", "_reviews_allowed",
 }
 USER_INTERNAL_META = {"first_name", "last_name", "billing", "shipping", "last_update", "paying_customer"}
 ITEM_INTERNAL_META = {

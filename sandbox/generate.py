@@ -175,11 +175,25 @@ class Generator:
         self.db.executemany("INSERT INTO usermeta(user_id, meta_key, meta_value) VALUES (?,?,?)", meta)
         self.emails = {u[0]: u[2] for u in users}
 
+    def attachment(self, parent: int, name: str, when: datetime, posts: list, meta: list) -> int:
+        """An image in the media library: an ``attachment`` post (shared id sequence) + its file meta."""
+        aid = self.next_post()
+        posts.append(post_row(self.store, aid, "attachment", "inherit", when, when, parent=parent, title=name,
+                              slug=name))
+        meta.append((aid, "_wp_attached_file", dumps(f"{when:%Y/%m}/{name}.jpg")))
+        meta.append((aid, "_wp_attachment_image_alt", dumps(name.replace("-", " ") if self.rng.random() < 0.5 else "")))
+        return aid
+
     def products(self) -> None:
         rng, posts, meta, rels = self.rng, [], [], []
         self.sellable: list[dict] = []
         self.subscription_products: list[dict] = []
         cat_slugs = list(self.categories)
+        # Category thumbnails: term meta thumbnail_id -> an attachment (lookup_meta is the term meta).
+        for slug in cat_slugs[1::3]:
+            aid = self.attachment(0, f"category-{slug}", self.start, posts, meta)
+            self.db.execute("INSERT INTO lookup_meta VALUES (?,?,?)", (self.categories[slug] + 1000, "thumbnail_id", str(aid)))
+        product_ids: list[int] = []
         for n in range(self.size.products):
             pid = self.next_post()
             kind = rng.random()
@@ -210,6 +224,39 @@ class Generator:
                     "_description": f"<p>About {title}</p>", "_short_description": ""}
             if virtual and rng.random() < 0.7:
                 rows["_course_id"] = rng.randint(1000, 9999)  # LMS plugins link the course by product meta
+            # The rest of a product's postmeta (WC_Product_Data_Store_CPT keys), sparse as on a real shop.
+            if rng.random() < 0.6:
+                rows["_thumbnail_id"] = self.attachment(pid, f"product-{pid}", created, posts, meta)
+                if rng.random() < 0.3:
+                    rows["_product_image_gallery"] = str(self.attachment(pid, f"product-{pid}-2", created, posts, meta))
+            if sale and rng.random() < 0.5:
+                rows["_sale_price_dates_from"] = int(created.timestamp()) // 86400 * 86400
+                rows["_sale_price_dates_to"] = rows["_sale_price_dates_from"] + 86400 * rng.choice([7, 30, 90])
+            if rows["_downloadable"]:
+                fid = f"{rng.getrandbits(128):032x}"
+                rows["_downloadable_files"] = {fid: {"id": f"{fid[:8]}-{fid[8:12]}-{fid[12:16]}-{fid[16:20]}-{fid[20:]}",
+                                                     "name": f"{title} (PDF)",
+                                                     "file": f"https://cdn.example.com/files/{pid}.pdf"}}
+                rows["_download_limit"], rows["_download_expiry"] = rng.choice([(-1, -1), (5, 365), (-1, 30)])
+            if not virtual:
+                rows["_length"], rows["_width"], rows["_height"] = (f"{rng.randint(5, 60)}" for _ in range(3))
+                rows["_backorders"] = rng.choices(["no", "notify", "yes"], [80, 10, 10])[0]
+                if rng.random() < 0.4:
+                    rows["_low_stock_amount"] = rng.choice([2, 5, 10])
+                if rng.random() < 0.3:
+                    rows["_global_unique_id"] = f"{rng.randint(10**12, 10**13 - 1)}"
+            elif rng.random() < 0.5:
+                rows["_sold_individually"] = True
+                rows["_purchase_note"] = "Your course is in My account &rarr; Courses."
+            if product_ids and rng.random() < 0.2:
+                rows["_upsell_ids"] = rng.sample(product_ids, min(2, len(product_ids)))
+            if product_ids and rng.random() < 0.2:
+                rows["_crosssell_ids"] = rng.sample(product_ids, 1)
+            if rng.random() < 0.4:
+                count = rng.randint(1, 40)
+                rows["_wc_rating_count"], rows["_wc_review_count"] = count, count
+                rows["_wc_average_rating"] = f"{rng.uniform(3, 5):.2f}"
+            product_ids.append(pid)
             if ptype == "subscription":
                 rows["_subscription_period"] = "month" if "Monthly" in title else "year"
                 rows["_subscription_period_interval"] = rng.choice([1, 1, 2])
