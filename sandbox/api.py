@@ -306,6 +306,8 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
             return fatal(request)
         except StoreError as exc:
             return error(exc.code, exc.message, exc.status, **exc.data)
+        if request.method in ("POST", "PUT", "PATCH", "DELETE") and response.status_code < 300 and f.roll("late"):
+            await asyncio.sleep(f.slow_seconds)
         body_fault = f.pick_body_fault() if request.method == "GET" and response.status_code == 200 else None
         if body_fault:
             body = b"".join([chunk async for chunk in response.body_iterator])
@@ -678,6 +680,27 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
         q, ids, total, page, per_page = list_posts(
             request, "shop_order_refund", statuses=None, orderby_allowed=ORDERBY["posts"], parent_in=[oid])
         return paged_response(request, q, project_posts(request, "refunds", ids), total, page, per_page)
+
+    @app.post(NS + "/orders/{oid}/refunds", status_code=201)
+    async def create_order_refund(request: Request, oid: int):
+        # WC_REST_Order_Refunds_V2_Controller::prepare_object_for_database (plugins/woocommerce/includes/
+        # rest-api/Controllers/Version2/class-wc-rest-order-refunds-v2-controller.php): a missing order is
+        # 404, a negative amount 400, anything wc_create_refund refuses (more than is left to refund, a
+        # gateway that cannot refund when api_refund is true, its default) 500; meta_data saved after.
+        body = await json_body(request)
+        if domain.post(oid, ("shop_order",)) is None:
+            raise StoreError("woocommerce_rest_invalid_order_id", "Invalid order ID.", 404)
+        try:
+            amount = float(body.get("amount") or 0)
+        except (TypeError, ValueError):
+            raise StoreError("rest_invalid_param", "Invalid parameter(s): amount", 400,
+                             params={"amount": "amount is not of type string."}) from None
+        if amount < 0:
+            raise StoreError("woocommerce_rest_invalid_order_refund", "Refund amount must be greater than zero.", 400)
+        rid = await asyncio.to_thread(locked, domain.create_refund_as_api, oid, amount, body.get("reason") or "",
+                                      body.get("api_refund", True) is not False, body.get("line_items") or [],
+                                      body.get("meta_data") or [])
+        return JSONResponse(project_posts(request, "refunds", [rid])[0], status_code=201)
 
     @app.get(NS + "/orders/{oid}/refunds/{rid}")
     def get_order_refund(request: Request, oid: int, rid: int):

@@ -17,6 +17,8 @@ Kinds:
   garbage      one record of a list page carries a broken field (a plugin wrote "N/A" into a total)
   empty        a list answer replaced by ``[]``, headers kept (a page cache or WAF answering stale)
   nopaging     X-WP-Total, X-WP-TotalPages and Link stripped (a proxy or CDN that drops headers)
+  late         a write is applied, then its answer comes ``--slow-seconds`` late (a client may time out
+               or die before it learns that the store did it)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import random
 import threading
 
 KINDS = ("429", "429nr", "500", "502", "504", "slow", "truncated", "notice", "shift", "skew", "garbage", "empty",
-         "nopaging")
+         "nopaging", "late")
 
 PHP_FATAL = (
     "<html><head><title>WordPress &rsaquo; Error</title></head><body id=\"error-page\">"

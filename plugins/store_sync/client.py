@@ -221,6 +221,7 @@ class StoreClient:
         params = {k: v for k, v in (params or {}).items() if v is not None}
         retries = self.max_retries if max_retries is None else max_retries
         attempt = 0
+        store_error = None
         while True:
             wait = None
             self.budget.acquire()
@@ -247,6 +248,7 @@ class StoreClient:
                         return data, response.headers
                 elif status in RETRYABLE_STATUS:
                     problem = f"HTTP {status} {response.reason}"
+                    store_error = _json_error(response)  # the store's own code, when it sent one
                     wait = _retry_after(response.headers.get("Retry-After"))
                     if status in (429, 503):
                         self.stats.throttled += 1
@@ -262,6 +264,9 @@ class StoreClient:
                     raise StoreUnavailable(0, "store_unreachable",
                                            f"cannot reach the store at {self.store_url} after {attempt + 1} tries: {problem}",
                                            url)
+                if store_error:  # e.g. a refused subscription transition or refund: HTTP 500 with a code
+                    raise StoreUnavailable(status, store_error[0], f"gave up after {attempt + 1} tries: "
+                                           f"HTTP {status} {store_error[1]}", url)
                 raise StoreUnavailable(status, "store_unavailable", f"gave up after {attempt + 1} tries: {problem}", url)
             delay = wait if wait is not None else min(self.backoff_max, self.backoff_base * 2 ** attempt)
             delay = delay * random.uniform(1.0, 1.25) if wait is not None else delay * random.uniform(0.5, 1.0)
@@ -293,8 +298,10 @@ class StoreClient:
     def put(self, endpoint: str, body: dict) -> Any:
         return self.request("PUT", endpoint, json_body=body)[0]
 
-    def post(self, endpoint: str, body: dict) -> Any:
-        return self.request("POST", endpoint, json_body=body)[0]
+    def post(self, endpoint: str, body: dict, max_retries: int | None = None) -> Any:
+        """``max_retries=0`` for writes that are not idempotent (a refund, a note): a retry after a lost
+        answer could make a second one; the caller checks what the store did before trying again."""
+        return self.request("POST", endpoint, json_body=body, max_retries=max_retries)[0]
 
     def check(self) -> dict:
         """Fail fast on bad configuration: one authenticated call, few retries, a plain message."""
@@ -371,6 +378,14 @@ def _retry_after(value: str | None) -> float | None:
             return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
         except (TypeError, ValueError):
             return None
+
+
+def _json_error(response: requests.Response) -> tuple[str, str] | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return (str(body["code"]), str(body.get("message", ""))) if isinstance(body, dict) and body.get("code") else None
 
 
 def _error_from(response: requests.Response, url: str) -> StoreApiError:
