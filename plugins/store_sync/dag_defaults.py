@@ -28,6 +28,7 @@ class Tag:
     RECONCILE = "reconcile"
     LOOKUPS = "lookups"
     CRM = "crm"
+    WEBHOOKS = "webhooks"
 
 
 def inbox_asset_name(entity: str) -> str:
