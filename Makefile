@@ -28,9 +28,9 @@ lint: install
 demo: install
 	$(BIN)/python -m store_sync.demo $(ARGS)
 
-## Compare the CRM with the store (the demo's sandbox, or AIRFLOW_CONN_STORE_API / CRM_DATABASE_URL); exit 1 on differences.
+## Compare the CRM with the store (the demo's sandbox and embedded CRM, or AIRFLOW_CONN_STORE_API / CRM_DATABASE_URL / AIRFLOW_CONN_CRM_DB); exit 1 on differences.
 reconcile: install
-	$(BIN)/python -m store_sync.reconcile $(ARGS)
+	CRM_DATABASE_EMBEDDED=1 $(BIN)/python -m store_sync.reconcile $(ARGS)
 
 sandbox: install
 	$(BIN)/python -m sandbox serve $(ARGS)

@@ -4,8 +4,9 @@
 
 Starts everything the way `make demo` does, but on throw-away databases: the embedded PostgreSQL
 (a CRM database and an Airflow metadata database of its own), the sandbox store with the change
-simulator at a steady rate and customer webhooks pointed at the Airflow api-server, and Airflow's
-api-server, scheduler, dag-processor and triggerer with the DAGs unpaused. After the initial load it
+simulator at a steady rate, Airflow's api-server, scheduler, dag-processor and triggerer with the
+DAGs unpaused, and the customer webhooks registered by the package (`store_sync.webhooks`) at the
+api-server. After the initial load it
 records at least --changes changes (the simulator logs each with its exact time) and matches each
 to the first inbox row written after it that carries it. It prints p50 / p95 / max per entity and
 where the time goes: from the change to the start of the landing task (trigger poll, sensor resume,
@@ -67,17 +68,20 @@ def main() -> int:
         "--changes-per-second", str(args.rate), "--change-log", str(changes_file), "--webhook-delay", "0.2"])
     stack = None
     try:
-        from store_sync.webhook_receiver import register
-
-        register(sandbox.client(), f"http://127.0.0.1:{airflow_port}/store-webhooks/receive", secret)
+        # The package's own webhook settings: the api-server's URL and the secret, in the store connection.
         store_conn = json.dumps({"conn_type": "http", "host": sandbox.url, "login": "ck_sandbox",
-                                 "password": "cs_sandbox", "extra": {"requests_per_second": 20, "max_in_flight": 3}})
+                                 "password": "cs_sandbox", "extra": {
+                                     "requests_per_second": 20, "max_in_flight": 3,
+                                     "webhook_url": f"http://127.0.0.1:{airflow_port}", "webhook_secret": secret}})
+        os.environ["AIRFLOW_CONN_STORE_API"] = store_conn  # this process registers the webhooks below
         stack = AirflowStack(tmp / "airflow", pg.dsn(meta_db).replace("postgresql://", "postgresql+psycopg://", 1),
-                             port=airflow_port, extra_env={"CRM_DATABASE_URL": crm, "AIRFLOW_CONN_STORE_API": store_conn,
-                                                           "STORE_WEBHOOK_SECRET": secret})
+                             port=airflow_port, extra_env={"CRM_DATABASE_URL": crm, "AIRFLOW_CONN_STORE_API": store_conn})
         t0 = time.time()
         stack.setup()
         stack.start()
+        from store_sync.webhooks import register_webhooks
+
+        print(f"webhooks: {register_webhooks()}", flush=True)  # once the receiver answers, as `make demo` does
         print(f"Airflow up in {time.time() - t0:.0f}s; waiting for the initial load…", flush=True)
         tracked = sorted(set(ENTITY.values()))
         deadline = time.time() + 600

@@ -230,12 +230,18 @@ class StoreClient:
                 sent = time.monotonic()
                 response = self._send(method, url, params, json_body)
                 self.budget.observe(time.monotonic() - sent)
+            # requests puts the whole URL in its messages, and the query carries the consumer key and secret
+            # (query-string auth) or the OAuth signature: only redacted text leaves this method.
             except requests.exceptions.SSLError as exc:
-                raise StoreUnavailable(0, "store_tls_error", f"the store's TLS certificate was refused ({exc}); set "
-                                       f"'verify' in the connection extras to the CA bundle that signs it", url) from None
-            except (requests.Timeout, requests.ConnectionError) as exc:
-                # The URL in the message carries the signed query (key, nonce, signature): keep it out of logs.
-                problem, status = f"{type(exc).__name__}: {_QUERY.sub('', str(exc))}", 0
+                raise StoreUnavailable(0, "store_tls_error", f"the store's TLS certificate was refused "
+                                       f"({self._redact(exc)}); set 'verify' in the connection extras to the CA "
+                                       f"bundle that signs it", url) from None
+            except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError) as exc:
+                problem, status = f"{type(exc).__name__}: {self._redact(exc)}", 0
+            except requests.RequestException as exc:  # a bad URL, too many redirects…: not worth a retry
+                raise StoreApiError(0, "store_request_error", f"{type(exc).__name__}: {self._redact(exc)}",
+                                    url) from None
             else:
                 status = response.status_code
                 if status < 300:
@@ -274,6 +280,14 @@ class StoreClient:
             self.stats.retries += 1
             attempt += 1
             time.sleep(delay)
+
+    def _redact(self, exc: BaseException | str) -> str:
+        """An exception's text without any query string, key or secret."""
+        text = _QUERY.sub("", str(exc))
+        for secret in (self._secret, self._key, quote(self._secret, safe=""), quote(self._key, safe="")):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
 
     def _send(self, method: str, url: str, params: dict, json_body: Any) -> requests.Response:
         auth = None

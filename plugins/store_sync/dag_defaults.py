@@ -29,6 +29,7 @@ class Tag:
     LOOKUPS = "lookups"
     CRM = "crm"
     OUTBOX = "outbox"
+    WEBHOOKS = "webhooks"
 
 
 def inbox_asset_name(entity: str) -> str:
