@@ -18,6 +18,8 @@ import threading
 import time
 from collections import Counter
 
+from fastapi import Request
+
 from .domain import Domain, StoreError
 
 log = logging.getLogger("sandbox.simulator")
@@ -290,8 +292,6 @@ def mount_control(app, simulator: ChangeSimulator, faults) -> None:
       "faults": "429=0.02,shift=0.05"}``: any subset; ``"rate": 0`` stops the simulator (after the change
       in hand), ``"faults": ""`` turns every fault off.
     """
-    from fastapi import Request
-
     @app.get("/sandbox/stats")
     def sandbox_stats():
         with faults.lock:
