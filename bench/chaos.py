@@ -20,12 +20,16 @@ After the initial load, for --minutes:
 * the CRM's PostgreSQL is restarted --pg-restarts times at random moments (``fast``, then a crash:
   ``immediate``), down for 5-20 s each.
 
-Then the simulator and the faults stop and the integration catches up: the delete reconciliation is
-triggered (its period is an hour; permanent deletes are invisible otherwise), and the bench waits
-until the inboxes stop growing and the transform has applied everything (and, with
---wait-customer-scan, until the customers' periodic scan ran after the store went quiet), at most
---catch-up-minutes. Finally the reconcile module compares the CRM with the store, the inboxes are
-checked for duplicates (two consecutive versions of one record with the same payload hash) and the
+Then the simulator and the faults stop and the integration catches up through its live paths: the
+delete reconciliation is triggered (its period is an hour; permanent deletes are invisible otherwise)
+and the bench waits until it finished, the inboxes stopped growing for --stable-seconds and the
+transform applied everything; "converged" is the time from the quiet to the last inbox row. The
+reconcile module then compares the CRM with the store. If differences remain and --settle (default),
+it waits for the safety nets as well -- a safety cycle of every watch DAG (max_quiet_seconds, or
+--quiet-seconds) and, with --wait-customer-scan, the customers' periodic scan (scan_every_minutes)
+after the quiet -- and compares again: what the second comparison still finds is lost, what only
+the first found is late. All within --catch-up-minutes. Last, the inboxes are checked for duplicates
+(two consecutive versions of one record with the same payload hash; A->B->A is not one) and the
 newest inbox version of every record is compared with the store's own rows (so a difference says
 whether landing or the transform lost it). Exit status 1 when differences or duplicates remain.
 Every process it started is stopped, also on Ctrl-C or failure.
