@@ -13,8 +13,9 @@ After the initial load, for --minutes:
   refunds, trashes, restores, permanent deletes) and every --bulk-every seconds a bulk edit of
   --bulk-size records committed together and stamped with one ``date_modified`` second;
 * every sandbox fault is on (``sandbox/faults.py``: 429 with and without Retry-After, 500 HTML,
-  502/504, slow, truncated, PHP notice, a record shifting mid-read, clock skew, a garbled record),
-  and the date sort has no id tie-breaker (``--legacy-sort``, when the sandbox still has that flag);
+  502/504, slow, truncated, PHP notice, a record shifting mid-read, clock skew, a garbled record, an
+  empty page, paging headers stripped, a late write answer; kinds added later get a small rate), and
+  the store sorts as a real one (``--legacy-sort`` on sandboxes that still need asking);
 * every 30-60 s a running landing or transform task process (Airflow's ``airflow worker -- <ti>``
   under our own scheduler) is SIGKILLed; retries and the continuous runs must recover;
 * the CRM's PostgreSQL is restarted --pg-restarts times at random moments (``fast``, then a crash:
@@ -66,7 +67,8 @@ from tests.helpers import SandboxProcess, free_port  # noqa: E402
 
 # Per request, per kind (the request kinds are drawn one after the other, so ~7% of calls fail).
 FAULT_RATES = {"429": 0.02, "429nr": 0.01, "500": 0.015, "502": 0.005, "504": 0.005, "slow": 0.02,
-               "truncated": 0.015, "notice": 0.015, "shift": 0.05, "skew": 0.01, "garbage": 0.005}
+               "truncated": 0.015, "notice": 0.015, "shift": 0.05, "skew": 0.01, "garbage": 0.005, "empty": 0.01,
+               "nopaging": 0.01, "late": 0.01}
 LANDING_DAGS = ("store_watch_", "store_snapshot_", "store_reconcile_deletes", "store_backfill")
 TRANSFORM_DAGS = ("crm_transform",)
 CHILD_KINDS = {"order_notes"}  # landed with their parents; not compared on their own
@@ -83,11 +85,13 @@ def fault_spec(rates: dict[str, float]) -> str:
     return ",".join(f"{k}={rates.get(k, 0.005)}" for k in KINDS)
 
 
-def sort_flag() -> list[str]:
-    """The real store's sort has no id tie-breaker: ask for it if the sandbox still needs a flag."""
+def sort_flag() -> tuple[list[str], str]:
+    """The real store's sort (no id tie-break but for date): ask for it if the sandbox still needs a flag."""
     out = subprocess.run([sys.executable, "-m", "sandbox", "serve", "--help"], cwd=REPO, capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
-    return ["--legacy-sort"] if "--legacy-sort" in out else []
+    if "--legacy-sort" in out:  # older sandboxes: a tie-break everywhere unless told otherwise
+        return ["--legacy-sort"], "no id tie-breaker (--legacy-sort)"
+    return [], "the real store's (the sandbox default" + (", not --stable-sort)" if "--stable-sort" in out else ")")
 
 
 class Chaos:
@@ -348,9 +352,12 @@ def catch_up(stack: AirflowStack, meta: str, crm: str, *, since: float, deadline
 
 
 def as_dict(reports) -> dict:
-    return {r.entity: {"store": r.store_count, "crm": r.crm_count, "missing_in_crm": r.missing_in_crm,
-                       "gone_from_store": r.gone_from_store, "stale": r.stale, "differing": r.differing}
-            for r in reports}
+    """Every list the reconcile Report keeps (kinds it may add later included)."""
+    out = {}
+    for r in reports:
+        lists = {k: v for k, v in vars(r).items() if isinstance(v, list)}
+        out[r.entity] = {"store": r.store_count, "crm": r.crm_count, **lists}
+    return out
 
 
 # -- main ---------------------------------------------------------------------------------------------
@@ -398,8 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         crm_pg.start()
         crm = crm_pg.dsn()
         meta = meta_pg.dsn("airflow")
-        flag = sort_flag()
-        report["sort"] = "no id tie-breaker (--legacy-sort)" if flag else "the sandbox's default (no flag exists)"
+        flag, report["sort"] = sort_flag()
         sandbox = SandboxProcess(work, size=args.size, seed=args.seed, extra=["--webhook-delay", "0.2", *flag])
         airflow_port = free_port()
         secret = "chaos-webhook-secret"
@@ -510,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         print_summary(report)
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1, default=str))
-        bad = sum(len(v["missing_in_crm"]) + len(v["gone_from_store"]) + len(v["stale"]) + len(v["differing"])
-                  for v in report["differences"].values()) + sum(dupes.values())
+        bad = sum(len(x) for v in report["differences"].values() for x in v.values() if isinstance(x, list)) \
+            + sum(dupes.values())
         return 1 if bad else 0
     finally:
         if chaos is not None:
@@ -555,7 +561,7 @@ def print_summary(r: dict) -> None:
     def differences(title: str, diffs: dict) -> None:
         print(title)
         for entity, d in diffs.items():
-            n = {k: len(d[k]) for k in ("missing_in_crm", "gone_from_store", "stale", "differing")}
+            n = {k: len(v) for k, v in d.items() if isinstance(v, list)}
             print(f"  {entity:<14} store {d['store']:>6} CRM {d['crm']:>6}  " + (", ".join(
                 f"{k} {v}" for k, v in n.items() if v) or "OK") + "".join(
                 f"\n      {k}: {d[k][:8]}" for k in n if d[k]))
