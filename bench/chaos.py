@@ -245,11 +245,7 @@ def inbox_vs_store(dsn: str, sandbox: SandboxProcess) -> dict[str, dict]:
         truth = {str(d["id"]): d for d in sandbox.export(name)}
         if name == "products":  # variations land under the products entity too
             truth.update({str(d["id"]): d for d in sandbox.export("variations")})
-        with psycopg.connect(dsn) as conn:
-            rows = conn.execute(
-                "SELECT DISTINCT ON (source_key) source_key, payload, is_delete FROM inbox.record WHERE entity=%s "
-                "ORDER BY source_key, source_modified_at DESC NULLS LAST, inbox_id DESC", (name,)).fetchall()
-        landed = {k: (p, d) for k, p, d in rows}
+        landed = newest_landed(dsn, name)
         older, other_fields = [], Counter()
         for key, doc in truth.items():
             if key not in landed:
@@ -268,13 +264,27 @@ def inbox_vs_store(dsn: str, sandbox: SandboxProcess) -> dict[str, dict]:
     return out
 
 
-def _comparable(doc):
-    """Ignore what changes with the URL the store is reached at."""
-    if isinstance(doc, dict):
-        return {k: _comparable(v) for k, v in doc.items() if k != "_links"}
-    if isinstance(doc, list):
-        return [_comparable(v) for v in doc]
-    return doc
+def newest_landed(dsn: str, name: str) -> dict[str, tuple[dict | None, bool]]:
+    """{key: (newest version's payload, deleted for good)} by the transform's own rule: the version with
+    the newest source time (then the latest arrival), unless a delete event (``{"deleted": true}``)
+    arrived after every version."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT source_key, inbox_id, source_modified_at, payload FROM inbox.record "
+                            "WHERE entity=%s ORDER BY source_key, inbox_id", (name,)).fetchall()
+    newest: dict[str, tuple] = {}
+    last_seen: dict[str, int] = {}
+    gone_at: dict[str, int] = {}
+    floor = datetime.min.replace(tzinfo=UTC)
+    for key, inbox_id, modified, payload in rows:
+        if isinstance(payload, dict) and payload.get("deleted") is True:
+            gone_at[key] = inbox_id
+            continue
+        last_seen[key] = inbox_id
+        rank = (modified or floor, inbox_id)
+        if key not in newest or rank >= newest[key][0]:
+            newest[key] = (rank, payload)
+    return {k: (newest[k][1] if k in newest else None, gone_at.get(k, -1) > last_seen.get(k, -1))
+            for k in set(newest) | set(gone_at)}
 
 
 # -- Airflow's REST API -----------------------------------------------------------------------------
