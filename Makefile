@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export PYTHONPATH := $(CURDIR)/plugins:$(CURDIR)
 
-.PHONY: install test lint demo reconcile sandbox crm-db crm-db-stop bench clean lock
+.PHONY: install test lint demo reconcile sandbox crm-db crm-db-stop bench chaos clean lock
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ bench: install
 	$(BIN)/python bench/sandbox_throughput.py $(ARGS)
 	$(BIN)/python bench/landing.py --skip-large
 	$(BIN)/python bench/freshness.py
+
+## The full stack for 10 minutes under changes, bulk edits, store faults, killed tasks and CRM restarts; exit 1 on differences.
+chaos: install
+	$(BIN)/python bench/chaos.py $(ARGS)
 
 ## Re-resolve the pinned requirements from the top-level list in requirements.in.
 lock:

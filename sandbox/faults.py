@@ -42,16 +42,27 @@ PHP_NOTICE = "<br />\n<b>Notice</b>:  Undefined index: billing in <b>/var/www/ht
 
 class Faults:
     def __init__(self, spec: str = "", seed: int = 1, slow_seconds: float = 1.5):
-        self.rates: dict[str, float] = {}
+        self.rates: dict[str, float] = self.parse(spec)
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.slow_seconds = slow_seconds
+        self.counts: dict[str, int] = {k: 0 for k in KINDS}  # faults injected so far, by kind
+
+    @staticmethod
+    def parse(spec: str) -> dict[str, float]:
+        rates = {}
         for part in filter(None, (p.strip() for p in (spec or "").split(","))):
             kind, _, rate = part.partition("=")
             if kind not in KINDS:
                 raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(KINDS)}")
-            self.rates[kind] = float(rate or 1.0)
-        self.rng = random.Random(seed)
-        self.lock = threading.Lock()
-        self.slow_seconds = slow_seconds
-        self.counts: dict[str, int] = {k: 0 for k in KINDS}
+            rates[kind] = float(rate or 1.0)
+        return rates
+
+    def configure(self, spec: str) -> None:
+        """Replace the rates at run time (the counts go on)."""
+        rates = self.parse(spec)
+        with self.lock:
+            self.rates = rates
 
     def roll(self, kind: str) -> bool:
         rate = self.rates.get(kind, 0.0)

@@ -136,9 +136,17 @@ class EmbeddedPostgres:
         self.ensure_crm()
         return self.dsn()
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "fast") -> None:
+        """``fast`` disconnects clients and shuts down cleanly; ``immediate`` is a crash (recovery at start)."""
         if self.is_running():
-            self._run("pg_ctl", "stop", "-m", "fast", "-w", "-D", str(self.pgdata), check=False)
+            self._run("pg_ctl", "stop", "-m", mode, "-w", "-D", str(self.pgdata), check=False)
+
+    def restart(self, mode: str = "fast", down_seconds: float = 0) -> str:
+        """Stop the server, stay down a while (clients see refused connections), start it again."""
+        self.stop(mode)
+        if down_seconds:
+            time.sleep(down_seconds)
+        return self.start()
 
     def admin_dsn(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
