@@ -390,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(a safety cycle of every watch DAG, the customers' scan) and compare again")
     parser.add_argument("--wait-customer-scan", action=argparse.BooleanOptionalAction, default=True,
                         help="settling includes the customers' periodic scan (scan_every_minutes) after the quiet")
+    parser.add_argument("--scan-minutes", type=float, default=None,
+                        help="scan_every_minutes of the customers' scan (Variable store_sync_overrides); default: the registry's")
     parser.add_argument("--quiet-seconds", type=float, default=None,
                         help="max_quiet_seconds for every entity (Variable store_sync_overrides); default: the registry's")
     parser.add_argument("--json", help="write the report here as JSON")
@@ -425,8 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         store_conn = json.dumps({"conn_type": "http", "host": sandbox.url, "login": "ck_sandbox",
                                  "password": "cs_sandbox", "extra": {"requests_per_second": 20, "max_in_flight": 3}})
         extra_env = {"CRM_DATABASE_URL": crm, "AIRFLOW_CONN_STORE_API": store_conn, "STORE_WEBHOOK_SECRET": secret}
-        if args.quiet_seconds:
-            extra_env["AIRFLOW_VAR_STORE_SYNC_OVERRIDES"] = json.dumps({"*": {"max_quiet_seconds": args.quiet_seconds}})
+        tuned = {**({"max_quiet_seconds": args.quiet_seconds} if args.quiet_seconds else {}),
+                 **({"scan_every_minutes": args.scan_minutes} if args.scan_minutes else {})}
+        if tuned:
+            extra_env["AIRFLOW_VAR_STORE_SYNC_OVERRIDES"] = json.dumps({"*": tuned})
         stack = AirflowStack(work / "airflow", meta.replace("postgresql://", "postgresql+psycopg://", 1),
                              port=airflow_port, extra_env=extra_env)
         t0 = time.time()

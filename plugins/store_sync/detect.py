@@ -522,7 +522,8 @@ def reconcile_deletes(dsn: str, client: StoreClient, entity: Entity, run_id: str
         for status in entity.statuses:
             in_store |= list_ids(client, entity.endpoint, {"status": status} if status else {}, entity.per_page)
         with psycopg.connect(dsn) as conn:
-            known = landed_keys(conn, entity.name)
+            # Trashed records are listed by status=trash; one deleted for good from the trash is not.
+            known = landed_keys(conn, entity.name, with_trash=True)
             variations = landed_variations(conn, entity.name)
             deleted = {r[0] for r in conn.execute(
                 "SELECT l.source_key FROM inbox.latest l JOIN inbox.record r ON r.inbox_id = l.inbox_id "

@@ -115,10 +115,18 @@ def already_landed(conn: psycopg.Connection, entity: Entity, records: list[dict]
     return {r[0] for r in rows}
 
 
-def landed_keys(conn: psycopg.Connection, entity: str) -> dict[str, datetime | None]:
-    """The records whose latest landed version is not a delete: {source_key: source_modified_at}."""
-    rows = conn.execute("SELECT source_key, source_modified_at FROM inbox.latest WHERE entity = %s AND NOT is_delete",
-                        (entity,)).fetchall()
+def landed_keys(conn: psycopg.Connection, entity: str, with_trash: bool = False) -> dict[str, datetime | None]:
+    """The records whose latest landed version is live: {source_key: source_modified_at}.
+
+    ``with_trash`` counts trashed records as present too (only a delete event makes a record gone):
+    a record trashed, then deleted for good, must still be checked against the store."""
+    if with_trash:
+        rows = conn.execute(
+            "SELECT l.source_key, l.source_modified_at FROM inbox.latest l JOIN inbox.record r ON r.inbox_id = l.inbox_id "
+            "WHERE l.entity = %s AND NOT (l.is_delete AND r.payload ? 'deleted')", (entity,)).fetchall()
+    else:
+        rows = conn.execute("SELECT source_key, source_modified_at FROM inbox.latest WHERE entity = %s AND NOT is_delete",
+                            (entity,)).fetchall()
     return dict(rows)
 
 

@@ -55,7 +55,8 @@ class LandStoreChangesOperator(BaseOperator):
             entity=self.entity, cursor=cursor.strftime("%Y-%m-%dT%H:%M:%S") if cursor else None,
             store_conn_id=self.store_conn_id, poll_seconds=float(extra.get("poll_seconds", spec.poll_seconds)),
             max_quiet_seconds=float(extra.get("max_quiet_seconds", spec.max_quiet_seconds)),
-            state={k: state.get(k) for k in ("max_id", "orders_inbox_id", "webhook_event_id", "last_scan")})
+            state={**{k: state.get(k) for k in ("max_id", "orders_inbox_id", "webhook_event_id", "last_scan")},
+                   "scan_every_minutes": float(extra.get("scan_every_minutes", spec.scan_every_minutes))})
 
     def execute(self, context) -> Any:
         from store_sync.hooks import StoreApiHook

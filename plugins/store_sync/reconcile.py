@@ -68,8 +68,10 @@ def reconcile_entity(dsn: str, client: StoreClient, spec: Entity, show: int = 10
                 store[str(r["id"])] = (modified, tuple(norm(r.get(f)) for f in fields))
     columns = ", ".join(fields.values())
     # Trashed records are still listed by the store (status=trash): only hard deletes count as gone.
-    gone = "deleted_at IS NOT NULL AND status IS DISTINCT FROM 'trash'" if "status" in fields.values() else \
-        "deleted_at IS NOT NULL"
+    # A trashed record deleted for good keeps status 'trash'; its row's last inbox row is the delete event.
+    purged = "EXISTS (SELECT 1 FROM inbox.record r WHERE r.inbox_id = landed_inbox_id AND r.payload ? 'deleted')"
+    gone = f"deleted_at IS NOT NULL AND (status IS DISTINCT FROM 'trash' OR {purged})" if "status" in fields.values() \
+        else "deleted_at IS NOT NULL"
     where = f"WHERE {cfg['where']}" if cfg.get("where") else ""
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(f"SELECT id, source_modified_at, {gone}, {columns} FROM {cfg['table']} {where}").fetchall()

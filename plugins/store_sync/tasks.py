@@ -6,7 +6,7 @@ from store_sync.crm_database import check_reachable
 from store_sync.crm_database import crm_dsn as _crm_dsn
 
 # What the Variable store_sync_overrides may change per entity at run time ("*" applies to all).
-TUNABLE = ("poll_seconds", "max_quiet_seconds", "per_page", "overlap_seconds", "settle_seconds")
+TUNABLE = ("poll_seconds", "max_quiet_seconds", "per_page", "overlap_seconds", "settle_seconds", "scan_every_minutes")
 
 
 def overrides(entity: str) -> dict:
@@ -44,7 +44,8 @@ def land_entity(entity_name: str, run_id: str, mode: str = "live", store_conn_id
     from store_sync.registry import entity
 
     spec = entity(entity_name)
-    tweaks = {k: v for k, v in overrides(entity_name).items() if k in ("per_page", "overlap_seconds", "settle_seconds")}
+    tweaks = {k: v for k, v in overrides(entity_name).items() if k in ("per_page", "overlap_seconds", "settle_seconds",
+                                                                     "scan_every_minutes")}
     if tweaks:
         spec = dataclasses.replace(spec, **tweaks)
     dsn = ready_crm()

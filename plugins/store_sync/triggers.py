@@ -99,7 +99,7 @@ class StoreChangeTrigger(BaseTrigger):
             return "orders of registered customers landed"
         last_scan = self.state.get("last_scan")
         if not last_scan or datetime.utcnow() - datetime.fromisoformat(last_scan[:19]) >= timedelta(
-                minutes=entity.scan_every_minutes):
+                minutes=float(self.state.get("scan_every_minutes") or entity.scan_every_minutes)):
             return "periodic customer scan due"
         return None
 
