@@ -56,7 +56,8 @@ def _validator(schema_file: str):
         try:
             check(record)
         except fastjsonschema.JsonSchemaValueException as exc:
-            return exc.message.replace("data.", "", 1).replace("data ", "record ", 1)
+            message = exc.message  # "data.total must be …" / "data must contain …": the field, or the record
+            return message[5:] if message.startswith("data.") else message.replace("data ", "record ", 1)
         return None
 
     return problem
