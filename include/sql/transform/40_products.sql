@@ -12,7 +12,7 @@ SELECT source_key::bigint, NULLIF((payload->>'parent_id')::bigint, 0), payload->
        payload->>'slug', NULLIF(payload->>'sku', ''), payload->>'status', crm.money(payload->>'price'),
        crm.money(payload->>'regular_price'), crm.money(payload->>'sale_price'),
        COALESCE(NULLIF(payload->>'tax_class', ''), 'standard'), (payload->>'virtual')::boolean,
-       (payload->>'downloadable')::boolean, (payload->>'stock_quantity')::integer, payload->>'stock_status',
+       (payload->>'downloadable')::boolean, (payload->>'stock_quantity')::numeric, payload->>'stock_status',
        (crm.meta(payload->'meta_data', '_course_id') #>> '{}')::bigint, crm.gmt(payload->>'date_created_gmt'),
        source_modified_at, CASE WHEN payload->>'status' = 'trash' THEN source_modified_at END, run_id, inbox_id
 FROM b
