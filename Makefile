@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export PYTHONPATH := $(CURDIR)/plugins:$(CURDIR)
 
-.PHONY: install test lint demo reconcile sandbox crm-db crm-db-stop bench chaos clean lock
+.PHONY: install test lint demo reconcile retry-quarantine sandbox crm-db crm-db-stop bench chaos clean lock
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ demo: install
 ## Compare the CRM with the store (the demo's sandbox and embedded CRM, or AIRFLOW_CONN_STORE_API / CRM_DATABASE_URL / AIRFLOW_CONN_CRM_DB); exit 1 on differences.
 reconcile: install
 	CRM_DATABASE_EMBEDDED=1 $(BIN)/python -m store_sync.reconcile $(ARGS)
+
+## Re-apply the inbox rows the CRM transforms quarantined (ARGS="--id 12 --entity orders"); exit 1 while some remain.
+retry-quarantine: install
+	CRM_DATABASE_EMBEDDED=1 $(BIN)/python -m store_sync.transform --retry-quarantine $(ARGS)
 
 sandbox: install
 	$(BIN)/python -m sandbox serve $(ARGS)
