@@ -49,6 +49,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=2.0, help="store changes per second")
     parser.add_argument("--changes", type=int, default=200)
     parser.add_argument("--tail", type=float, default=20, help="seconds to wait for the last changes to land")
+    parser.add_argument("--writebacks", type=int, default=30,
+                        help="CRM status requests to time through the outbox to the store and back (0: none)")
     args = parser.parse_args()
 
     pg = EmbeddedPostgres()
@@ -145,6 +147,8 @@ def main() -> int:
             print(f"not landed within the tail: {len(missing)}, e.g. {missing[:3]}")
         if every:
             print(f"mean {statistics.mean(every):.2f}s")
+        if args.writebacks:
+            measure_writeback(crm, args.writebacks, args.tail)
         return 0
     finally:
         if stack is not None:
@@ -159,6 +163,43 @@ def main() -> int:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure_writeback(crm: str, count: int, tail: float) -> None:
+    """CRM request -> applied at the store (the outbox's answer) -> back in the CRM (the transform applied
+    the store's new version), for ``count`` order status changes made one per second."""
+    with psycopg.connect(crm, autocommit=True) as conn:
+        orders = conn.execute("SELECT id, status FROM crm.sales_order WHERE status IN ('processing', 'on-hold') "
+                              "AND deleted_at IS NULL ORDER BY id DESC LIMIT %s", (count,)).fetchall()
+        asked = []
+        for oid, status in orders:
+            target = "on-hold" if status == "processing" else "processing"
+            rid = conn.execute("SELECT crm.request_order_status(%s, %s, NULL, 'freshness bench')", (oid, target)).fetchone()[0]
+            asked.append((rid, oid, target))
+            time.sleep(1)
+    deadline = time.time() + tail + 30
+    rows = []
+    while time.time() < deadline:
+        with psycopg.connect(crm) as conn:
+            rows = [conn.execute(
+                "SELECT o.state, extract(epoch FROM o.finished_at - o.requested_at), "
+                "(SELECT extract(epoch FROM min(r.applied_at) - o.requested_at) FROM inbox.record r WHERE r.entity='orders' "
+                " AND r.source_key = o.record_id::text AND r.received_at >= o.requested_at AND r.payload->>'status' = %s) "
+                "FROM sync.outbox o WHERE o.request_id = %s", (target, rid)).fetchone() for rid, _, target in asked]
+        if all(r and r[2] is not None for r in rows):
+            break
+        time.sleep(2)
+    to_store = [float(r[1]) for r in rows if r and r[0] == "applied" and r[1] is not None]
+    to_crm = [float(r[2]) for r in rows if r and r[2] is not None]
+    print(f"\nwrite-back, {len(asked)} order status requests (one per second) through the outbox:")
+    print(f"  CRM request -> applied at the store: p50 {pct(to_store, .5):.2f}s, p95 {pct(to_store, .95):.2f}s "
+          f"({len(to_store)} applied)")
+    print(f"  CRM request -> back in the CRM:     p50 {pct(to_crm, .5):.2f}s, p95 {pct(to_crm, .95):.2f}s "
+          f"({len(to_crm)} back)")
+    states = {}
+    for r in rows:
+        states[r[0] if r else "missing"] = states.get(r[0] if r else "missing", 0) + 1
+    print(f"  request states: {states}")
 
 
 if __name__ == "__main__":
