@@ -221,6 +221,9 @@ def paged_response(request: Request, q: Query, docs: list[dict], total: int, pag
     garbled = [d for d in docs if "total" in d]
     if garbled and request.app.state.faults.roll("garbage"):
         random.choice(garbled)["total"] = "N/A"
+    if docs and request.app.state.faults.roll("junk"):
+        # A plugin's filter on the REST response left an element that is no record.
+        docs[random.randrange(len(docs))] = random.choice([False, None, "", {"id": None}, {"name": "no id"}])
     return JSONResponse(docs, headers=headers)
 
 

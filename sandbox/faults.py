@@ -15,6 +15,7 @@ Kinds:
                (a record modified while a client pages through)
   skew         the store's clock jumps a few seconds back and forth
   garbage      one record of a list page carries a broken field (a plugin wrote "N/A" into a total)
+  junk         one element of a list page is no record (false, null, "", an object without id)
   empty        a list answer replaced by ``[]``, headers kept (a page cache or WAF answering stale)
   nopaging     X-WP-Total, X-WP-TotalPages and Link stripped (a proxy or CDN that drops headers)
   late         a write is applied, then its answer comes ``--slow-seconds`` late (a client may time out
@@ -27,7 +28,7 @@ import random
 import threading
 
 KINDS = ("429", "429nr", "500", "502", "504", "slow", "truncated", "notice", "shift", "skew", "garbage", "empty",
-         "nopaging", "late")
+         "nopaging", "late", "junk")
 
 PHP_FATAL = (
     "<html><head><title>WordPress &rsaquo; Error</title></head><body id=\"error-page\">"
