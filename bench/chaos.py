@@ -421,12 +421,13 @@ def main(argv: list[str] | None = None) -> int:
         sandbox = SandboxProcess(work, size=args.size, seed=args.seed, extra=["--webhook-delay", "0.2", *flag])
         airflow_port = free_port()
         secret = "chaos-webhook-secret"
-        from store_sync.webhook_receiver import register
-
-        register(sandbox.client(), f"http://127.0.0.1:{airflow_port}/store-webhooks/receive", secret)
+        # The package's own webhook settings (the api-server's URL, the secret) in the store connection.
         store_conn = json.dumps({"conn_type": "http", "host": sandbox.url, "login": "ck_sandbox",
-                                 "password": "cs_sandbox", "extra": {"requests_per_second": 20, "max_in_flight": 3}})
-        extra_env = {"CRM_DATABASE_URL": crm, "AIRFLOW_CONN_STORE_API": store_conn, "STORE_WEBHOOK_SECRET": secret}
+                                 "password": "cs_sandbox", "extra": {
+                                     "requests_per_second": 20, "max_in_flight": 3,
+                                     "webhook_url": f"http://127.0.0.1:{airflow_port}", "webhook_secret": secret}})
+        os.environ["AIRFLOW_CONN_STORE_API"] = store_conn  # this process registers the webhooks below
+        extra_env = {"CRM_DATABASE_URL": crm, "AIRFLOW_CONN_STORE_API": store_conn}
         tuned = {**({"max_quiet_seconds": args.quiet_seconds} if args.quiet_seconds else {}),
                  **({"scan_every_minutes": args.scan_minutes} if args.scan_minutes else {})}
         if tuned:
@@ -436,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         stack.setup()
         stack.start()
+        from store_sync.webhooks import register_webhooks
+
+        log(f"webhooks: {register_webhooks()}")  # once the receiver answers, as `make demo` does
         log(f"Airflow up in {time.time() - t0:.0f}s (UI {stack.url}, admin / {work / 'airflow' / 'passwords.json'}); "
             "waiting for the initial load…")
 
