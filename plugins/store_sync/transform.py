@@ -34,7 +34,7 @@ from pathlib import Path
 
 import psycopg
 
-from store_sync.registry import entities
+from store_sync.registry import entities, field_map_rows
 
 log = logging.getLogger(__name__)
 SQL = Path(__file__).resolve().parents[2] / "include" / "sql"
@@ -114,6 +114,11 @@ def settle(conn: psycopg.Connection, sql_file: str, text: str, ids: list[int], s
             conn.execute(BATCH_LOCK)
             conn.execute("CREATE TEMP TABLE batch_scope (inbox_id bigint PRIMARY KEY) ON COMMIT DROP")
             conn.execute("INSERT INTO batch_scope SELECT unnest(%s::bigint[])", [ids])
+            # What the mapping names, from the registry: sync.keep_unmapped keeps every other field.
+            conn.execute("CREATE TEMP TABLE field_map (entity text, pattern text, what text, "
+                         "PRIMARY KEY (entity, pattern)) ON COMMIT DROP")
+            conn.execute("INSERT INTO field_map SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])",
+                         list(field_map_rows()))
             conn.execute(text)
             conn.execute("SELECT sync.finish_batch()")
     except psycopg.Error as exc:
