@@ -60,9 +60,9 @@ import psutil  # noqa: E402
 import psycopg  # noqa: E402
 import requests  # noqa: E402
 
-from store_sync.crm_database import EmbeddedPostgres  # noqa: E402
+from store_sync.crm.database import EmbeddedPostgres  # noqa: E402
+from store_sync.local.stack import AirflowStack  # noqa: E402
 from store_sync.registry import entities  # noqa: E402
-from store_sync.stack import AirflowStack  # noqa: E402
 from tests.helpers import SandboxProcess, free_port  # noqa: E402
 
 # Per request, per kind (the request kinds are drawn one after the other, so ~7% of calls fail).
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         stack.setup()
         stack.start()
-        from store_sync.webhooks import register_webhooks
+        from store_sync.store.webhooks import register_webhooks
 
         log(f"webhooks: {register_webhooks()}")  # once the receiver answers, as `make demo` does
         log(f"Airflow up in {time.time() - t0:.0f}s (UI {stack.url}, admin / {work / 'airflow' / 'passwords.json'}); "
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         log("the store is quiet (simulator and faults off); catching up…")
 
         # 3. catch up through the live paths: the delete reconciliation, the inboxes stop growing, all applied
-        from store_sync.reconcile import reconcile, render
+        from store_sync.crm.reconcile import reconcile, render
 
         deadline = quiet + args.catch_up_minutes * 60
         caught = catch_up(stack, meta, crm, since=quiet, deadline=deadline, stable=args.stable_seconds, wait_scan=False)

@@ -5,7 +5,7 @@
 Starts everything the way `make demo` does, but on throw-away databases: the embedded PostgreSQL
 (a CRM database and an Airflow metadata database of its own), the sandbox store with the change
 simulator at a steady rate, Airflow's api-server, scheduler, dag-processor and triggerer with the
-DAGs unpaused, and the customer webhooks registered by the package (`store_sync.webhooks`) at the
+DAGs unpaused, and the customer webhooks registered by the package (`store_sync.store.webhooks`) at the
 api-server. After the initial load it
 records at least --changes changes (the simulator logs each with its exact time) and matches each
 to the first inbox row written after it that carries it. It prints p50 / p95 / max per entity and
@@ -29,8 +29,8 @@ sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
 import psycopg  # noqa: E402
 
-from store_sync.crm_database import EmbeddedPostgres  # noqa: E402
-from store_sync.stack import AirflowStack  # noqa: E402
+from store_sync.crm.database import EmbeddedPostgres  # noqa: E402
+from store_sync.local.stack import AirflowStack  # noqa: E402
 from tests.helpers import SandboxProcess, free_port  # noqa: E402
 
 ENTITY = {"order": "orders", "subscription": "subscriptions", "product": "products", "customer": "customers"}
@@ -81,7 +81,7 @@ def main() -> int:
         t0 = time.time()
         stack.setup()
         stack.start()
-        from store_sync.webhooks import register_webhooks
+        from store_sync.store.webhooks import register_webhooks
 
         print(f"webhooks: {register_webhooks()}", flush=True)  # once the receiver answers, as `make demo` does
         print(f"Airflow up in {time.time() - t0:.0f}s; waiting for the initial load…", flush=True)

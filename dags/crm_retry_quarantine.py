@@ -37,9 +37,9 @@ def crm_retry_quarantine():
     @task
     def retry(params=None) -> dict:
         """Re-apply; the counts (retried, resolved, still quarantined) go to XCom, the reasons to the log."""
-        from store_sync.migrations import migrate
+        from store_sync.crm.migrations import migrate
+        from store_sync.crm.transform import open_quarantine, retry_quarantine
         from store_sync.tasks import crm_dsn
-        from store_sync.transform import open_quarantine, retry_quarantine
 
         dsn = crm_dsn()
         migrate(dsn)

@@ -37,9 +37,9 @@ def crm_transform():
     @task
     def apply_inbox() -> list[dict]:
         """Every transform step in dependency order, each on its own; each batch is one transaction."""
-        from store_sync.migrations import migrate
+        from store_sync.crm.migrations import migrate
+        from store_sync.crm.transform import retry_quarantine, transform
         from store_sync.tasks import crm_dsn
-        from store_sync.transform import retry_quarantine, transform
 
         dsn = crm_dsn()
         if migrate(dsn):  # a new migration may accept what the model rejected before
@@ -48,8 +48,8 @@ def crm_transform():
 
     @task
     def check_crm() -> dict:
+        from store_sync.crm.transform import run_checks
         from store_sync.tasks import crm_dsn
-        from store_sync.transform import run_checks
 
         return run_checks(crm_dsn())
 

@@ -31,14 +31,14 @@ from store_sync.dag_defaults import BACKFILL_POOL, DEFAULT_ARGS, TRANSFORM_POOL,
 def store_register_webhooks():
     @task(pool=BACKFILL_POOL)  # a few light calls, behind the shoppers' traffic
     def register(params=None) -> dict:
-        from store_sync.webhooks import register_webhooks
+        from store_sync.store.webhooks import register_webhooks
 
         return register_webhooks(push_secret=bool(params["push_secret"]))
 
     @task(pool=TRANSFORM_POOL)  # a CRM write
     def prune(params=None) -> int:
+        from store_sync.store.webhooks import prune_events
         from store_sync.tasks import ready_crm
-        from store_sync.webhooks import prune_events
 
         return prune_events(ready_crm(), float(params["keep_days"]))
 

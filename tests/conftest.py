@@ -54,7 +54,7 @@ def crm_admin_dsn():
     """An admin DSN: CRM_DATABASE_URL when given, else the project's embedded PostgreSQL.
 
     Never a deployment's crm_db connection: the tests create and drop databases on this server."""
-    from store_sync.crm_database import EmbeddedPostgres, url_from_env, wait_for
+    from store_sync.crm.database import EmbeddedPostgres, url_from_env, wait_for
 
     if dsn := url_from_env():
         wait_for(dsn)
@@ -107,7 +107,7 @@ def writable_sandbox(sandbox_factory):
 
 
 def pytest_report_header(config):
-    from store_sync.crm_database import describe, url_from_env
+    from store_sync.crm.database import describe, url_from_env
 
     dsn = url_from_env()
     return f"CRM database: {describe(dsn) if dsn else 'embedded PostgreSQL (.data/crm-pg)'}; " \

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from store_sync.client import RequestBudget, StoreClient, StoreUnavailable
+from store_sync.store.client import RequestBudget, StoreClient, StoreUnavailable
 from tests.helpers import free_port
 
 
@@ -92,7 +92,7 @@ def test_budget_caps_rate_and_in_flight():
 
 
 def test_one_budget_per_store_is_shared():
-    from store_sync.client import shared_budget
+    from store_sync.store.client import shared_budget
 
     assert shared_budget("https://shop.test", 5, 3) is shared_budget("https://shop.test", 50, 30)
 
@@ -114,7 +114,7 @@ def _store_conn(monkeypatch, value) -> None:
 
 
 def test_extras_given_as_strings_mean_what_they_say(monkeypatch, sandbox):
-    from store_sync.hooks import StoreApiHook
+    from store_sync.store.hooks import StoreApiHook
 
     _store_conn(monkeypatch, {"conn_type": "http", "host": sandbox.url, "login": "ck_sandbox", "password": "cs_sandbox",
                               "extra": {"query_string_auth": "false", "verify": "no", "max_in_flight": "2",
@@ -133,7 +133,7 @@ def test_extras_given_as_strings_mean_what_they_say(monkeypatch, sandbox):
                                         ({"max_in_flight": "2.5"}, "max_in_flight"),
                                         ({"verify": "/nowhere/ca.pem"}, "verify")])
 def test_garbage_in_an_extra_is_named_in_the_error(monkeypatch, extra, name):
-    from store_sync.hooks import StoreApiHook
+    from store_sync.store.hooks import StoreApiHook
 
     _store_conn(monkeypatch, {"conn_type": "http", "host": "https://shop.example.com", "login": "ck_x", "password": "cs_y",
                               "extra": extra})
@@ -144,7 +144,7 @@ def test_garbage_in_an_extra_is_named_in_the_error(monkeypatch, extra, name):
 
 
 def test_airflow_uri_form_means_plain_http_when_it_says_http(monkeypatch, sandbox):
-    from store_sync.hooks import StoreApiHook, store_url
+    from store_sync.store.hooks import StoreApiHook, store_url
 
     _store_conn(monkeypatch, f"http://ck_sandbox:cs_sandbox@127.0.0.1:{sandbox.port}")
     hook = StoreApiHook()
@@ -162,7 +162,7 @@ def test_tls_errors_carry_no_key_secret_or_signature_anywhere(monkeypatch, sandb
 
     import psycopg
 
-    from store_sync.hooks import StoreApiHook
+    from store_sync.store.hooks import StoreApiHook
     from store_sync.tasks import land_entity
 
     tls = sandbox_factory(size="tiny", seed=1, tls=True)  # a self-signed certificate the client refuses
@@ -180,7 +180,7 @@ def test_tls_errors_carry_no_key_secret_or_signature_anywhere(monkeypatch, sandb
 
 
 def test_wrong_key_fails_at_once_in_words(monkeypatch, sandbox):
-    from store_sync.hooks import StoreApiHook
+    from store_sync.store.hooks import StoreApiHook
 
     _store_conn(monkeypatch, {"conn_type": "http", "host": sandbox.url, "login": "ck_sandbox", "password": "cs_wrong"})
     started = time.monotonic()

@@ -12,8 +12,8 @@ import time
 import psycopg
 import pytest
 
-from store_sync import crm_database
-from store_sync.crm_database import describe, url_from_env
+from store_sync.crm import database as crm_database
+from store_sync.crm.database import describe, url_from_env
 from tests.helpers import free_port
 
 
@@ -100,7 +100,7 @@ def test_an_unreachable_crm_fails_fast_and_in_words(no_crm_settings, monkeypatch
 def test_embedded_server_runs_the_integration_role(crm_admin_dsn):
     if url_from_env():
         return  # a server given by DSN is the user's; nothing embedded to check
-    from store_sync.crm_database import EmbeddedPostgres
+    from store_sync.crm.database import EmbeddedPostgres
 
     with psycopg.connect(EmbeddedPostgres().dsn()) as conn:
         assert conn.execute("SELECT current_user, current_database()").fetchone() == ("crm_sync", "crm")

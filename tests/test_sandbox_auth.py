@@ -8,7 +8,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from store_sync.client import StoreAuthError, oauth_params
+from store_sync.store.client import StoreAuthError, oauth_params
 
 
 def signed_get(sandbox, endpoint: str, key="ck_sandbox", secret="cs_sandbox", **params):

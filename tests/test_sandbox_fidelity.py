@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 
 import requests
 
-from store_sync.client import oauth_params
+from store_sync.store.client import oauth_params
 from tests.helpers import free_port
 
 GMT = "%Y-%m-%dT%H:%M:%S"

@@ -12,10 +12,10 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from store_sync.landing import land_page
-from store_sync.migrations import migrate
+from store_sync.crm.migrations import migrate
+from store_sync.crm.transform import TransformFailed, retry_quarantine, run_checks, transform
+from store_sync.inbound.landing import land_page
 from store_sync.registry import entity
-from store_sync.transform import TransformFailed, retry_quarantine, run_checks, transform
 
 # sandbox export name -> registry entity, CRM table (every one keeps landed_inbox_id)
 EXPORTS = {"categories": ("product_categories", "crm.product_category"), "customers": ("customers", "crm.customer"),
@@ -276,7 +276,7 @@ def test_a_quarantined_newer_version_leaves_the_older_in_the_crm_until_fixed(crm
 
 
 def test_a_failing_step_does_not_stop_the_later_ones(crm, store, tmp_path, monkeypatch):
-    import store_sync.transform as runner
+    import store_sync.crm.transform as runner
 
     broken = tmp_path / "sql"
     shutil.copytree(runner.SQL, broken)
@@ -297,7 +297,7 @@ def test_a_failing_step_does_not_stop_the_later_ones(crm, store, tmp_path, monke
 
 
 def test_retry_command_and_dag(crm, store, dagbag, monkeypatch, capsys):
-    from store_sync.transform import main
+    from store_sync.crm.transform import main
 
     monkeypatch.setenv("CRM_DATABASE_URL", crm)
     subs = copy.deepcopy(store["subscriptions"])
@@ -406,7 +406,7 @@ def test_fuzzed_payloads_apply_or_wait_in_quarantine(crm, store, seed):
     # the CRM shows the good older one; where it applied, the newer one.
     inbox = {(e, k, h): i for i, e, k, h in rows(crm, "SELECT inbox_id, entity, source_key, payload_hash FROM inbox.record")}
     quarantined = {r[0] for r in rows(crm, "SELECT inbox_id FROM sync.transform_quarantine WHERE resolved_at IS NULL")}
-    from store_sync.landing import fingerprint
+    from store_sync.inbound.landing import fingerprint
 
     tables = {e: t for e, t in EXPORTS.values()}
     checked = 0

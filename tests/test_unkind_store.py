@@ -13,12 +13,12 @@ import psycopg
 import pytest
 
 from sandbox.storage import Store
-from store_sync.detect import ListingRefused, id_scan, reconcile_deletes, sync_entity
-from store_sync.landing import RunRecord, land_page
-from store_sync.migrations import migrate
-from store_sync.reconcile import reconcile_entity
+from store_sync.crm.migrations import migrate
+from store_sync.crm.reconcile import reconcile_entity
+from store_sync.crm.transform import transform
+from store_sync.inbound.detect import ListingRefused, id_scan, reconcile_deletes, sync_entity
+from store_sync.inbound.landing import RunRecord, land_page
 from store_sync.registry import entity
-from store_sync.transform import transform
 from tests.helpers import assert_inbox_matches_truth, inbox_duplicates, latest
 
 

@@ -11,10 +11,10 @@ from datetime import datetime, timedelta
 import psycopg
 import pytest
 
-from store_sync.landing import land_page
-from store_sync.migrations import migrate
+from store_sync.crm.migrations import migrate
+from store_sync.crm.transform import transform
+from store_sync.inbound.landing import land_page
 from store_sync.registry import SCHEMAS, entity
-from store_sync.transform import transform
 
 # registry entity -> (extra table, its key column, the record's CRM id from its inbox key)
 EXTRAS = {"customers": ("crm.customer_extra", "customer_id"), "products": ("crm.product_extra", "product_id"),

@@ -16,7 +16,7 @@ import time
 import psycopg
 import pytest
 
-from store_sync.migrations import migrate
+from store_sync.crm.migrations import migrate
 from tests.helpers import free_port
 
 SECRET = "test-webhook-secret-value"
@@ -41,8 +41,8 @@ class Receiver:
     def __init__(self) -> None:
         import uvicorn
 
-        import store_sync.hooks  # noqa: F401 - Airflow imported already, as in the api-server
-        from store_sync.webhook_receiver import create_app
+        import store_sync.store.hooks  # noqa: F401 - Airflow imported already, as in the api-server
+        from store_sync.inbound.webhook_receiver import create_app
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/receive"
@@ -61,7 +61,8 @@ class Receiver:
 
 @pytest.fixture
 def crm(crm_dsn, monkeypatch, sandbox):
-    from store_sync import crm_database, webhook_receiver
+    from store_sync.crm import database as crm_database
+    from store_sync.inbound import webhook_receiver
 
     migrate(crm_dsn)
     monkeypatch.setenv("CRM_DATABASE_URL", crm_dsn)
@@ -167,8 +168,8 @@ def test_slow_connection_lookups_do_not_stall_the_api_servers_event_loop(crm, mo
     not freeze every other request the api-server is serving."""
     import httpx
 
-    from store_sync.hooks import StoreApiHook
-    from store_sync.webhook_receiver import create_app
+    from store_sync.inbound.webhook_receiver import create_app
+    from store_sync.store.hooks import StoreApiHook
 
     real = StoreApiHook.get_connection.__func__
 
@@ -204,7 +205,7 @@ def test_slow_connection_lookups_do_not_stall_the_api_servers_event_loop(crm, mo
 
 
 def test_consumed_events_are_pruned_after_their_days(crm):
-    from store_sync.webhooks import prune_events
+    from store_sync.store.webhooks import prune_events
 
     with psycopg.connect(crm, autocommit=True) as conn:
         conn.execute("INSERT INTO sync.webhook_event (event_id, entity, source_key, topic, received_at) VALUES "
@@ -224,7 +225,7 @@ def _store(monkeypatch, sandbox, **extra) -> None:
 
 
 def test_without_a_public_url_webhooks_are_off_and_the_log_says_so(monkeypatch, writable_sandbox, caplog):
-    from store_sync.webhooks import register_webhooks
+    from store_sync.store.webhooks import register_webhooks
 
     _store(monkeypatch, writable_sandbox, webhook_secret=SECRET)
     with caplog.at_level("WARNING"):
@@ -234,7 +235,7 @@ def test_without_a_public_url_webhooks_are_off_and_the_log_says_so(monkeypatch, 
 
 
 def test_registration_creates_re_enables_and_never_duplicates(monkeypatch, writable_sandbox, caplog):
-    from store_sync.webhooks import TOPICS, register_webhooks
+    from store_sync.store.webhooks import TOPICS, register_webhooks
 
     _store(monkeypatch, writable_sandbox, webhook_url="http://127.0.0.1:9/", webhook_secret=SECRET)
     client = writable_sandbox.client()
@@ -260,8 +261,8 @@ def test_registration_creates_re_enables_and_never_duplicates(monkeypatch, writa
 
 
 def test_a_url_without_a_secret_is_a_configuration_error(monkeypatch, writable_sandbox):
-    from store_sync.config import ConfigError
-    from store_sync.webhooks import register_webhooks
+    from store_sync.store.config import ConfigError
+    from store_sync.store.webhooks import register_webhooks
 
     monkeypatch.delenv("STORE_WEBHOOK_SECRET", raising=False)
     _store(monkeypatch, writable_sandbox, webhook_url="https://airflow.example.com")
@@ -272,14 +273,14 @@ def test_a_url_without_a_secret_is_a_configuration_error(monkeypatch, writable_s
 def test_a_customer_renamed_in_the_store_reaches_the_inbox_through_the_registered_webhook(
         receiver, crm, monkeypatch, sandbox_factory):
     """The whole path: registration, the store's signed delivery, the receiver, the customer cycle."""
+    from store_sync.store.webhooks import register_webhooks
     from store_sync.tasks import land_entity
-    from store_sync.webhooks import register_webhooks
     from tests.helpers import latest
 
     store = sandbox_factory(size="tiny", seed=21, extra=["--webhook-delay", "0.1"])
     _store(monkeypatch, store, webhook_url=f"http://127.0.0.1:{receiver.port}", webhook_secret=SECRET)
     # The app is mounted at /store-webhooks on the api-server; here it is served at the root.
-    monkeypatch.setattr("store_sync.webhooks.RECEIVER_PATH", "/receive")
+    monkeypatch.setattr("store_sync.store.webhooks.RECEIVER_PATH", "/receive")
     assert register_webhooks()["status"] == "on"
     land_entity("customers", "first-load")
     client = store.client()

@@ -12,11 +12,11 @@ import time
 import psycopg
 import pytest
 
-from store_sync.detect import sync_entity
-from store_sync.migrations import migrate
+from store_sync.crm.migrations import migrate
+from store_sync.crm.transform import transform
+from store_sync.inbound.detect import sync_entity
+from store_sync.outbound.writeback import send
 from store_sync.registry import entity
-from store_sync.transform import transform
-from store_sync.writeback import send
 from tests.helpers import REPO
 
 
@@ -189,8 +189,8 @@ def test_killed_after_the_store_applied_then_rerun_applies_once(shop, tmp_path):
     order = first(client, "orders", "processing")
     rid = ask(dsn, "SELECT crm.request_order_status(%s, 'completed', NULL)", order["id"])
     script = tmp_path / "send.py"
-    script.write_text("from store_sync.hooks import StoreApiHook\nfrom store_sync.tasks import crm_dsn\n"
-                      "from store_sync.writeback import send\nsend(crm_dsn(), StoreApiHook().get_client())\n")
+    script.write_text("from store_sync.store.hooks import StoreApiHook\nfrom store_sync.tasks import crm_dsn\n"
+                      "from store_sync.outbound.writeback import send\nsend(crm_dsn(), StoreApiHook().get_client())\n")
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'plugins'}:{REPO}"}
     proc = subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO)
     try:

@@ -40,8 +40,8 @@ class LandStoreChangesOperator(BaseOperator):
     def _trigger(self) -> StoreChangeTrigger:
         import psycopg
 
-        from store_sync.landing import get_watermark
-        from store_sync.migrations import migrate
+        from store_sync.crm.migrations import migrate
+        from store_sync.inbound.landing import get_watermark
         from store_sync.registry import entity as registry_entity
         from store_sync.tasks import crm_dsn
 
@@ -59,8 +59,8 @@ class LandStoreChangesOperator(BaseOperator):
                    "scan_every_minutes": float(extra.get("scan_every_minutes", spec.scan_every_minutes))})
 
     def execute(self, context) -> Any:
-        from store_sync.hooks import StoreApiHook
         from store_sync.registry import entity as registry_entity
+        from store_sync.store.hooks import StoreApiHook
 
         trigger = self._trigger()
         reason = trigger.check(StoreApiHook(self.store_conn_id).get_client(), registry_entity(self.entity), 0)
@@ -95,10 +95,10 @@ class WriteBackOperator(BaseOperator):
         self.request_ids, self.dry_run = request_ids, dry_run
 
     def execute(self, context) -> Any:
-        from store_sync.migrations import migrate
+        from store_sync.crm.migrations import migrate
+        from store_sync.outbound.writeback import pending
         from store_sync.tasks import crm_dsn
         from store_sync.triggers import OutboxTrigger
-        from store_sync.writeback import pending
 
         dsn = crm_dsn()
         migrate(dsn)
@@ -113,8 +113,8 @@ class WriteBackOperator(BaseOperator):
         return self._send(crm_dsn())
 
     def _send(self, dsn: str) -> dict:
-        from store_sync.hooks import StoreApiHook
-        from store_sync.writeback import send
+        from store_sync.outbound.writeback import send
+        from store_sync.store.hooks import StoreApiHook
 
         ids = [int(i) for i in (self.request_ids or [])] or None
         counts = send(dsn, StoreApiHook(self.store_conn_id).get_client(), dry_run=bool(self.dry_run), request_ids=ids)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from store_sync.crm_database import check_reachable
-from store_sync.crm_database import crm_dsn as _crm_dsn
+from store_sync.crm.database import check_reachable
+from store_sync.crm.database import crm_dsn as _crm_dsn
 
 # What the Variable store_sync_overrides may change per entity at run time ("*" applies to all).
 TUNABLE = ("poll_seconds", "max_quiet_seconds", "per_page", "overlap_seconds", "settle_seconds", "scan_every_minutes")
@@ -27,7 +27,7 @@ def crm_dsn() -> str:
 
 def ready_crm() -> str:
     """The CRM's DSN, reachable and migrated; a person-readable error when it is not."""
-    from store_sync.migrations import migrate
+    from store_sync.crm.migrations import migrate
 
     dsn = crm_dsn()
     check_reachable(dsn)
@@ -39,9 +39,9 @@ def land_entity(entity_name: str, run_id: str, mode: str = "live", store_conn_id
     """Migrate if needed, then land one cycle of one entity; returns the counts (small: safe for XCom)."""
     import dataclasses
 
-    from store_sync.detect import sync_entity
-    from store_sync.hooks import StoreApiHook
+    from store_sync.inbound.detect import sync_entity
     from store_sync.registry import entity
+    from store_sync.store.hooks import StoreApiHook
 
     spec = entity(entity_name)
     tweaks = {k: v for k, v in overrides(entity_name).items() if k in ("per_page", "overlap_seconds", "settle_seconds",
@@ -53,9 +53,9 @@ def land_entity(entity_name: str, run_id: str, mode: str = "live", store_conn_id
 
 
 def reconcile_entity(entity_name: str, run_id: str, store_conn_id: str = "store_api") -> dict:
-    from store_sync.detect import reconcile_deletes
-    from store_sync.hooks import StoreApiHook
+    from store_sync.inbound.detect import reconcile_deletes
     from store_sync.registry import entity
+    from store_sync.store.hooks import StoreApiHook
 
     dsn = ready_crm()
     return reconcile_deletes(dsn, StoreApiHook(store_conn_id).get_client(), entity(entity_name), run_id)
@@ -63,9 +63,9 @@ def reconcile_entity(entity_name: str, run_id: str, store_conn_id: str = "store_
 
 def backfill_entity(params: dict, run_id: str, store_conn_id: str = "store_api") -> dict:
     """The backfill DAG's body: validated Params in, counts out."""
-    from store_sync.backfill import run_backfill
-    from store_sync.hooks import StoreApiHook
+    from store_sync.inbound.backfill import run_backfill
     from store_sync.registry import entity
+    from store_sync.store.hooks import StoreApiHook
 
     def moment(value):
         from datetime import UTC, datetime

@@ -38,9 +38,9 @@ class StoreChangeTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from asgiref.sync import sync_to_async
 
-        from store_sync.client import StoreAuthError, StoreNotFound
-        from store_sync.hooks import StoreApiHook
         from store_sync.registry import entity as registry_entity
+        from store_sync.store.client import StoreAuthError, StoreNotFound
+        from store_sync.store.hooks import StoreApiHook
 
         entity = registry_entity(self.entity)
         client = await sync_to_async(StoreApiHook(self.store_conn_id).get_client)()
@@ -120,8 +120,8 @@ class OutboxTrigger(BaseTrigger):
         import psycopg
         from asgiref.sync import sync_to_async
 
+        from store_sync.outbound.writeback import pending
         from store_sync.tasks import crm_dsn
-        from store_sync.writeback import pending
 
         dsn = await sync_to_async(crm_dsn)()
         started = time.monotonic()

@@ -1,5 +1,5 @@
 -- Inbox rows a transform step could not apply (the model rejected their content), one row each. They
--- are left out of the batches until re-applied (python -m store_sync.transform --retry-quarantine, the
+-- are left out of the batches until re-applied (python -m store_sync.crm.transform --retry-quarantine, the
 -- crm_retry_quarantine DAG) or until a newer version of the same record applies.
 CREATE TABLE IF NOT EXISTS sync.transform_quarantine (
     quarantine_id bigserial PRIMARY KEY,

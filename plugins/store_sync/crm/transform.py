@@ -17,9 +17,9 @@ One bad record never stops the CRM:
 * ``--retry-quarantine`` (and the ``crm_retry_quarantine`` DAG) re-applies quarantined rows once the
   model or the record was fixed; a newer version of a record that applies closes its older entries.
 
-    python -m store_sync.transform                       # apply what waits, then run the checks
-    python -m store_sync.transform --retry-quarantine [--id N ...] [--entity E ...]
-    python -m store_sync.transform --list-quarantine
+    python -m store_sync.crm.transform                       # apply what waits, then run the checks
+    python -m store_sync.crm.transform --retry-quarantine [--id N ...] [--entity E ...]
+    python -m store_sync.crm.transform --list-quarantine
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import psycopg
 from store_sync.registry import entities, field_map_rows
 
 log = logging.getLogger(__name__)
-SQL = Path(__file__).resolve().parents[2] / "include" / "sql"
+SQL = Path(__file__).resolve().parents[3] / "include" / "sql"
 
 # SQLSTATE classes a record's content can cause: cardinality (21: two rows for one key), data (22: a
 # cast, a length, a range), integrity (23: NOT NULL, foreign key, unique, check), program limits (54:
@@ -45,7 +45,7 @@ SQL = Path(__file__).resolve().parents[2] / "include" / "sql"
 # record's fault: the step fails and is retried whole.
 DATA_FAULTS = ("21", "22", "23", "54")
 # One writer at a time per batch: a CLI retry beside the DAG waits instead of deadlocking.
-BATCH_LOCK = "SELECT pg_advisory_xact_lock(hashtext('store_sync.transform'))"
+BATCH_LOCK = "SELECT pg_advisory_xact_lock(hashtext('store_sync.crm.transform'))"
 
 
 class TransformFailed(Exception):
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list-quarantine", action="store_true", help="print the open quarantine rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from store_sync.migrations import migrate
+    from store_sync.crm.migrations import migrate
     from store_sync.tasks import crm_dsn
 
     dsn = crm_dsn()

@@ -17,9 +17,9 @@ Order of precedence (:func:`crm_dsn`):
 
 Command line (used by the Makefile and the tests)::
 
-    python -m store_sync.crm_database start     # prints the DSN of the integration role
-    python -m store_sync.crm_database stop
-    python -m store_sync.crm_database status
+    python -m store_sync.crm.database start     # prints the DSN of the integration role
+    python -m store_sync.crm.database stop
+    python -m store_sync.crm.database status
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ import time
 from pathlib import Path
 from urllib.parse import quote, urlencode, urlsplit
 
-from store_sync.config import ConfigError, as_bool
+from store_sync.store.config import ConfigError, as_bool
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DEFAULT_DATA = REPO / ".data" / "crm-pg"
 DEFAULT_PORT = 54329
 CRM_DB = "crm"

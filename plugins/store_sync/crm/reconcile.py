@@ -1,6 +1,6 @@
 """Is the CRM right? Compare it with the store, entity by entity, and print the differences.
 
-    python -m store_sync.reconcile [--entity orders ...] [--show 10]     (make reconcile)
+    python -m store_sync.crm.reconcile [--entity orders ...] [--show 10]     (make reconcile)
 
 For each entity with a ``reconcile`` block in the registry: counts, ids missing on either side,
 source modified times, and a checksum of the mapped fields (store field → CRM column). Reads the
@@ -20,8 +20,8 @@ from decimal import Decimal, InvalidOperation
 
 import psycopg
 
-from store_sync.client import StoreClient
 from store_sync.registry import Entity, entities
+from store_sync.store.client import StoreClient
 
 
 @dataclass
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("AIRFLOW_CONN_STORE_API", json.dumps({
         "conn_type": "http", "host": "http://127.0.0.1:8765", "login": "ck_sandbox", "password": "cs_sandbox"}))
-    from store_sync.hooks import StoreApiHook
+    from store_sync.store.hooks import StoreApiHook
     from store_sync.tasks import crm_dsn
 
     client = StoreApiHook().get_client()

@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
-from store_sync.client import StoreApiError, StoreAuthError, StoreClient, StoreNotFound
+from store_sync.store.client import StoreApiError, StoreAuthError, StoreClient, StoreNotFound
 
 log = logging.getLogger(__name__)
 MARKER = "_crm_outbox_request"

@@ -11,7 +11,7 @@ Configuration, on the ``store_api`` connection (extras) or in the environment:
   and the customer scan is relied on, which the log says plainly;
 * ``webhook_secret`` (or ``STORE_WEBHOOK_SECRET``, which wins): signs every delivery; never logged.
 
-Command line: ``python -m store_sync.webhooks register`` (what the ``store_register_webhooks`` DAG
+Command line: ``python -m store_sync.store.webhooks register`` (what the ``store_register_webhooks`` DAG
 runs, hourly, and ``make demo`` at start).
 """
 
@@ -36,7 +36,7 @@ def delivery_url(webhook_url: str) -> str:
 def webhook_secret(store_conn_id: str = "store_api") -> str | None:
     if secret := os.environ.get("STORE_WEBHOOK_SECRET"):
         return secret
-    from store_sync.hooks import StoreApiHook
+    from store_sync.store.hooks import StoreApiHook
 
     return StoreApiHook(store_conn_id).extra_text("webhook_secret")
 
@@ -50,7 +50,7 @@ def ensure_webhooks(client, url: str, secret: str, topics=TOPICS, *, push_secret
     The secret is write-only in the API (``context: edit``, class-wc-rest-webhooks-v1-controller.php), so
     it cannot be compared: it is sent on create and re-enable, and on every webhook with
     ``push_secret`` (after rotating it). Returns ids by what was done; never the secret."""
-    from store_sync.client import StoreNotFound
+    from store_sync.store.client import StoreNotFound
 
     done: dict[str, list] = {"created": [], "enabled": [], "kept": [], "removed": []}
     # GET /webhooks is paged (10 by default) and lists every status unless told (status=all).
@@ -82,8 +82,8 @@ def ensure_webhooks(client, url: str, secret: str, topics=TOPICS, *, push_secret
 
 def register_webhooks(store_conn_id: str = "store_api", *, push_secret: bool = False) -> dict:
     """Register the package's webhooks as the store connection says; ``{"status": "off"}`` without a URL."""
-    from store_sync.config import ConfigError
-    from store_sync.hooks import StoreApiHook
+    from store_sync.store.config import ConfigError
+    from store_sync.store.hooks import StoreApiHook
 
     hook = StoreApiHook(store_conn_id)
     base = hook.extra_text("webhook_url") or os.environ.get("STORE_WEBHOOK_URL")

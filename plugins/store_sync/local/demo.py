@@ -6,7 +6,7 @@
   simulator on, and its customer webhooks pointed at the api-server (secret generated once into
   ``.data/store-webhook-secret``);
 * Airflow 3.3 (api-server, scheduler, dag-processor, triggerer) with the DAGs unpaused, and the store
-  webhooks registered through the package's own registration (``store_sync.webhooks``).
+  webhooks registered through the package's own registration (``store_sync.store.webhooks``).
 
 It prints the UI address and login, then runs until Ctrl-C and stops everything it started.
 ``--once`` runs one full cycle headless with the DAG tasks' own code (land every entity, transform,
@@ -24,9 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from store_sync.crm_database import EMBEDDED_SWITCH, EmbeddedPostgres, airflow_dsn, describe, url_from_env, wait_for
+from store_sync.crm.database import EMBEDDED_SWITCH, EmbeddedPostgres, airflow_dsn, describe, url_from_env, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DATA = REPO / ".data"
 
 
@@ -61,7 +61,7 @@ def demo_secret(name: str) -> str:
 
 def register_webhooks() -> None:
     """The package's own registration, as the store_register_webhooks DAG runs it."""
-    from store_sync.webhooks import register_webhooks as register
+    from store_sync.store.webhooks import register_webhooks as register
 
     try:
         done = register()
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"CRM database: embedded PostgreSQL at {describe(crm)} (data in {embedded.data_dir})")
         os.environ["CRM_DATABASE_URL"] = crm  # every Airflow process the demo starts uses this one
 
-        from store_sync.hooks import StoreApiHook
+        from store_sync.store.hooks import StoreApiHook
 
         if not os.environ.get("AIRFLOW_CONN_STORE_API"):
             started.append(start_sandbox(args.port, args.size, 0.0 if args.once else args.changes_per_second))
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 counts = land_entity(name, f"demo-once-{int(time.time())}")
                 print(f"  landed {name:<22} read {counts['read']:>6}  new {counts['landed']:>6}  "
                       f"quarantined {counts['quarantined']}")
-            from store_sync.transform import run_checks, table_counts, transform
+            from store_sync.crm.transform import run_checks, table_counts, transform
 
             for step in transform(crm):
                 print(f"  applied {step['step']:<26} {step['inbox_rows']:>6} inbox rows in {step['seconds']:.2f}s")
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  crm.{table:<24} {rows:>8}")
             return 0
 
-        from store_sync.stack import AirflowStack, metadata_url_for
+        from store_sync.local.stack import AirflowStack, metadata_url_for
 
         stack = AirflowStack(DATA / "airflow", metadata_url_for(embedded), port=args.airflow_port)
         print("Airflow: migrating its metadata database…")

@@ -1,7 +1,7 @@
 """Receive the store's webhooks: verify the signature over the raw body, record the event once.
 
 Served by the Airflow api-server through ``plugins/store_webhooks_plugin.py`` at
-``POST /store-webhooks/receive``; ``store_sync.webhooks`` registers it on the store. Events only say
+``POST /store-webhooks/receive``; ``store_sync.store.webhooks`` registers it on the store. Events only say
 "look at record N now": the customer cycle fetches the record itself, because a webhook's payload
 may be stale or coalesced.
 
@@ -34,7 +34,7 @@ _secret_cache: list = [0.0, None]
 
 
 def max_body_bytes() -> int:
-    from store_sync.config import as_number
+    from store_sync.store.config import as_number
 
     return as_number(os.environ.get("STORE_WEBHOOK_MAX_BYTES", DEFAULT_MAX_BYTES), "STORE_WEBHOOK_MAX_BYTES",
                      "environment", kind=int, minimum=1024)
@@ -42,7 +42,7 @@ def max_body_bytes() -> int:
 
 def cached_secret() -> str | None:
     """The webhook secret (blocking lookup: call it in a thread), remembered for half a minute."""
-    from store_sync.webhooks import webhook_secret
+    from store_sync.store.webhooks import webhook_secret
 
     stamp, value = _secret_cache
     if value is None or time.monotonic() - stamp > SECRET_CACHE_SECONDS:
@@ -134,8 +134,8 @@ def create_app() -> FastAPI:
 def _write(sql: str, params: tuple) -> int:
     import psycopg
 
-    from store_sync.crm_database import crm_dsn
-    from store_sync.migrations import migrate
+    from store_sync.crm.database import crm_dsn
+    from store_sync.crm.migrations import migrate
 
     dsn = crm_dsn()
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:

@@ -26,8 +26,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
-from store_sync.client import StoreClient, StoreNotFound
-from store_sync.landing import (
+from store_sync.inbound.landing import (
     PageResult,
     RunRecord,
     already_landed,
@@ -38,6 +37,7 @@ from store_sync.landing import (
     set_watermark,
 )
 from store_sync.registry import Entity
+from store_sync.store.client import StoreClient, StoreNotFound
 
 log = logging.getLogger(__name__)
 GMT = "%Y-%m-%dT%H:%M:%S"

@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 
 from airflow.sdk import BaseHook
 
-from store_sync.client import DEFAULT_API_PATH, StoreClient
-from store_sync.config import FALSE, TRUE, ConfigError, as_bool, as_number
+from store_sync.store.client import DEFAULT_API_PATH, StoreClient
+from store_sync.store.config import FALSE, TRUE, ConfigError, as_bool, as_number
 
 log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
