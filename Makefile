@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export PYTHONPATH := $(CURDIR)/plugins:$(CURDIR)
 
-.PHONY: install test lint demo reconcile sandbox crm-db crm-db-stop bench clean lock
+.PHONY: install test lint demo reconcile retry-quarantine sandbox crm-db crm-db-stop bench chaos clean lock
 
 install: $(VENV)/.installed
 
@@ -26,25 +26,33 @@ lint: install
 
 ## Start the CRM database, the sandbox store (and, later, Airflow). ARGS=--once for one headless pass.
 demo: install
-	$(BIN)/python -m store_sync.demo $(ARGS)
+	$(BIN)/python -m store_sync.local.demo $(ARGS)
 
-## Compare the CRM with the store (the demo's sandbox, or AIRFLOW_CONN_STORE_API / CRM_DATABASE_URL); exit 1 on differences.
+## Compare the CRM with the store (the demo's sandbox and embedded CRM, or AIRFLOW_CONN_STORE_API / CRM_DATABASE_URL / AIRFLOW_CONN_CRM_DB); exit 1 on differences.
 reconcile: install
-	$(BIN)/python -m store_sync.reconcile $(ARGS)
+	CRM_DATABASE_EMBEDDED=1 $(BIN)/python -m store_sync.crm.reconcile $(ARGS)
+
+## Re-apply the inbox rows the CRM transforms quarantined (ARGS="--id 12 --entity orders"); exit 1 while some remain.
+retry-quarantine: install
+	CRM_DATABASE_EMBEDDED=1 $(BIN)/python -m store_sync.crm.transform --retry-quarantine $(ARGS)
 
 sandbox: install
 	$(BIN)/python -m sandbox serve $(ARGS)
 
 crm-db: install
-	$(BIN)/python -m store_sync.crm_database start
+	$(BIN)/python -m store_sync.crm.database start
 
 crm-db-stop: install
-	$(BIN)/python -m store_sync.crm_database stop
+	$(BIN)/python -m store_sync.crm.database stop
 
 bench: install
 	$(BIN)/python bench/sandbox_throughput.py $(ARGS)
 	$(BIN)/python bench/landing.py --skip-large
 	$(BIN)/python bench/freshness.py
+
+## The full stack for 10 minutes under changes, bulk edits, store faults, killed tasks and CRM restarts; exit 1 on differences.
+chaos: install
+	$(BIN)/python bench/chaos.py $(ARGS)
 
 ## Re-resolve the pinned requirements from the top-level list in requirements.in.
 lock:
@@ -53,5 +61,5 @@ lock:
 	rm -rf .lockvenv
 
 clean:
-	-$(BIN)/python -m store_sync.crm_database stop
+	-$(BIN)/python -m store_sync.crm.database stop
 	rm -rf .data

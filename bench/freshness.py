@@ -4,8 +4,9 @@
 
 Starts everything the way `make demo` does, but on throw-away databases: the embedded PostgreSQL
 (a CRM database and an Airflow metadata database of its own), the sandbox store with the change
-simulator at a steady rate and customer webhooks pointed at the Airflow api-server, and Airflow's
-api-server, scheduler, dag-processor and triggerer with the DAGs unpaused. After the initial load it
+simulator at a steady rate, Airflow's api-server, scheduler, dag-processor and triggerer with the
+DAGs unpaused, and the customer webhooks registered by the package (`store_sync.store.webhooks`) at the
+api-server. After the initial load it
 records at least --changes changes (the simulator logs each with its exact time) and matches each
 to the first inbox row written after it that carries it. It prints p50 / p95 / max per entity and
 where the time goes: from the change to the start of the landing task (trigger poll, sensor resume,
@@ -28,8 +29,8 @@ sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
 import psycopg  # noqa: E402
 
-from store_sync.crm_database import EmbeddedPostgres  # noqa: E402
-from store_sync.stack import AirflowStack  # noqa: E402
+from store_sync.crm.database import EmbeddedPostgres  # noqa: E402
+from store_sync.local.stack import AirflowStack  # noqa: E402
 from tests.helpers import SandboxProcess, free_port  # noqa: E402
 
 ENTITY = {"order": "orders", "subscription": "subscriptions", "product": "products", "customer": "customers"}
@@ -48,6 +49,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=2.0, help="store changes per second")
     parser.add_argument("--changes", type=int, default=200)
     parser.add_argument("--tail", type=float, default=20, help="seconds to wait for the last changes to land")
+    parser.add_argument("--writebacks", type=int, default=30,
+                        help="CRM status requests to time through the outbox to the store and back (0: none)")
     args = parser.parse_args()
 
     pg = EmbeddedPostgres()
@@ -67,17 +70,20 @@ def main() -> int:
         "--changes-per-second", str(args.rate), "--change-log", str(changes_file), "--webhook-delay", "0.2"])
     stack = None
     try:
-        from store_sync.webhook_receiver import register
-
-        register(sandbox.client(), f"http://127.0.0.1:{airflow_port}/store-webhooks/receive", secret)
+        # The package's own webhook settings: the api-server's URL and the secret, in the store connection.
         store_conn = json.dumps({"conn_type": "http", "host": sandbox.url, "login": "ck_sandbox",
-                                 "password": "cs_sandbox", "extra": {"requests_per_second": 20, "max_in_flight": 3}})
+                                 "password": "cs_sandbox", "extra": {
+                                     "requests_per_second": 20, "max_in_flight": 3,
+                                     "webhook_url": f"http://127.0.0.1:{airflow_port}", "webhook_secret": secret}})
+        os.environ["AIRFLOW_CONN_STORE_API"] = store_conn  # this process registers the webhooks below
         stack = AirflowStack(tmp / "airflow", pg.dsn(meta_db).replace("postgresql://", "postgresql+psycopg://", 1),
-                             port=airflow_port, extra_env={"CRM_DATABASE_URL": crm, "AIRFLOW_CONN_STORE_API": store_conn,
-                                                           "STORE_WEBHOOK_SECRET": secret})
+                             port=airflow_port, extra_env={"CRM_DATABASE_URL": crm, "AIRFLOW_CONN_STORE_API": store_conn})
         t0 = time.time()
         stack.setup()
         stack.start()
+        from store_sync.store.webhooks import register_webhooks
+
+        print(f"webhooks: {register_webhooks()}", flush=True)  # once the receiver answers, as `make demo` does
         print(f"Airflow up in {time.time() - t0:.0f}s; waiting for the initial load…", flush=True)
         tracked = sorted(set(ENTITY.values()))
         deadline = time.time() + 600
@@ -141,6 +147,8 @@ def main() -> int:
             print(f"not landed within the tail: {len(missing)}, e.g. {missing[:3]}")
         if every:
             print(f"mean {statistics.mean(every):.2f}s")
+        if args.writebacks:
+            measure_writeback(crm, args.writebacks, args.tail)
         return 0
     finally:
         if stack is not None:
@@ -155,6 +163,43 @@ def main() -> int:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure_writeback(crm: str, count: int, tail: float) -> None:
+    """CRM request -> applied at the store (the outbox's answer) -> back in the CRM (the transform applied
+    the store's new version), for ``count`` order status changes made one per second."""
+    with psycopg.connect(crm, autocommit=True) as conn:
+        orders = conn.execute("SELECT id, status FROM crm.sales_order WHERE status IN ('processing', 'on-hold') "
+                              "AND deleted_at IS NULL ORDER BY id DESC LIMIT %s", (count,)).fetchall()
+        asked = []
+        for oid, status in orders:
+            target = "on-hold" if status == "processing" else "processing"
+            rid = conn.execute("SELECT crm.request_order_status(%s, %s, NULL, 'freshness bench')", (oid, target)).fetchone()[0]
+            asked.append((rid, oid, target))
+            time.sleep(1)
+    deadline = time.time() + tail + 30
+    rows = []
+    while time.time() < deadline:
+        with psycopg.connect(crm) as conn:
+            rows = [conn.execute(
+                "SELECT o.state, extract(epoch FROM o.finished_at - o.requested_at), "
+                "(SELECT extract(epoch FROM min(r.applied_at) - o.requested_at) FROM inbox.record r WHERE r.entity='orders' "
+                " AND r.source_key = o.record_id::text AND r.received_at >= o.requested_at AND r.payload->>'status' = %s) "
+                "FROM sync.outbox o WHERE o.request_id = %s", (target, rid)).fetchone() for rid, _, target in asked]
+        if all(r and r[2] is not None for r in rows):
+            break
+        time.sleep(2)
+    to_store = [float(r[1]) for r in rows if r and r[0] == "applied" and r[1] is not None]
+    to_crm = [float(r[2]) for r in rows if r and r[2] is not None]
+    print(f"\nwrite-back, {len(asked)} order status requests (one per second) through the outbox:")
+    print(f"  CRM request -> applied at the store: p50 {pct(to_store, .5):.2f}s, p95 {pct(to_store, .95):.2f}s "
+          f"({len(to_store)} applied)")
+    print(f"  CRM request -> back in the CRM:     p50 {pct(to_crm, .5):.2f}s, p95 {pct(to_crm, .95):.2f}s "
+          f"({len(to_crm)} back)")
+    states = {}
+    for r in rows:
+        states[r[0] if r else "missing"] = states.get(r[0] if r else "missing", 0) + 1
+    print(f"  request states: {states}")
 
 
 if __name__ == "__main__":

@@ -28,11 +28,11 @@ sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
 import psycopg  # noqa: E402
 
-from store_sync.backfill import run_backfill  # noqa: E402
-from store_sync.crm_database import EmbeddedPostgres  # noqa: E402
-from store_sync.detect import sync_entity  # noqa: E402
-from store_sync.landing import set_watermark  # noqa: E402
-from store_sync.migrations import migrate  # noqa: E402
+from store_sync.crm.database import EmbeddedPostgres  # noqa: E402
+from store_sync.crm.migrations import migrate  # noqa: E402
+from store_sync.inbound.backfill import run_backfill  # noqa: E402
+from store_sync.inbound.detect import sync_entity  # noqa: E402
+from store_sync.inbound.landing import set_watermark  # noqa: E402
 from store_sync.registry import entity  # noqa: E402
 from tests.helpers import SandboxProcess  # noqa: E402
 

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
 
-from store_sync.client import RequestBudget  # noqa: E402
+from store_sync.store.client import RequestBudget  # noqa: E402
 from tests.helpers import SandboxProcess  # noqa: E402
 
 

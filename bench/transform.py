@@ -29,8 +29,8 @@ import psycopg  # noqa: E402
 
 from sandbox import project  # noqa: E402
 from sandbox.storage import Store  # noqa: E402
-from store_sync.crm_database import EmbeddedPostgres  # noqa: E402
-from store_sync.migrations import migrate  # noqa: E402
+from store_sync.crm.database import EmbeddedPostgres  # noqa: E402
+from store_sync.crm.migrations import migrate  # noqa: E402
 
 COLUMNS = "entity, source_key, source_modified_at, is_delete, payload, payload_hash, run_id"
 
@@ -62,7 +62,7 @@ def copy_file(dsn: str, table: str, path: Path) -> float:
 
 
 def child_transform(dsn: str, queue) -> None:
-    from store_sync.transform import transform
+    from store_sync.crm.transform import transform
 
     started = time.perf_counter()
     steps = transform(dsn, names=["orders"], batch_rows=20_000)

@@ -21,8 +21,8 @@ from store_sync.dag_defaults import BACKFILL_POOL, DEFAULT_ARGS, Tag
 def crm_reconcile():
     @task(pool=BACKFILL_POOL)
     def compare() -> dict:
-        from store_sync.hooks import StoreApiHook
-        from store_sync.reconcile import reconcile, render
+        from store_sync.crm.reconcile import reconcile, render
+        from store_sync.store.hooks import StoreApiHook
         from store_sync.tasks import crm_dsn
 
         reports = reconcile(crm_dsn(), StoreApiHook().get_client())

@@ -8,9 +8,13 @@ subscriptions), in batches, one transaction per batch, newest version per record
 an older version over a newer one; then the CRM checks in `include/sql/checks/` run, and a failure
 names the offending rows.
 
-*Triage*: a failed step rolls back its batch and leaves the rows unapplied; rerunning is safe.
-References the CRM lacks (an order's customer or product) are kept as source ids and queued in
-`sync.fetch_request`.
+*Triage*: one bad record never stops the CRM. A batch the model rejects for its content is split
+in halves down to the bad rows, which go to `sync.transform_quarantine` (see the view
+`sync.transform_quarantine_open`: the reason, and which version the CRM shows instead) while the rest
+applies; re-apply them with the `crm_retry_quarantine` DAG once fixed (a run that applies a new
+migration re-applies them by itself). A step failing for another reason does not stop the later steps;
+the task fails at the end, naming it, and rerunning is safe. References the CRM lacks (an order's
+customer or product) are kept as source ids and queued in `sync.fetch_request`.
 """
 
 from __future__ import annotations
@@ -32,19 +36,20 @@ INBOXES = [Asset(inbox_asset_name(name)) for name in entities()]
 def crm_transform():
     @task
     def apply_inbox() -> list[dict]:
-        """Every transform step in dependency order; each batch of each step is one transaction."""
-        from store_sync.migrations import migrate
+        """Every transform step in dependency order, each on its own; each batch is one transaction."""
+        from store_sync.crm.migrations import migrate
+        from store_sync.crm.transform import retry_quarantine, transform
         from store_sync.tasks import crm_dsn
-        from store_sync.transform import transform
 
         dsn = crm_dsn()
-        migrate(dsn)
+        if migrate(dsn):  # a new migration may accept what the model rejected before
+            retry_quarantine(dsn)
         return transform(dsn)
 
     @task
     def check_crm() -> dict:
+        from store_sync.crm.transform import run_checks
         from store_sync.tasks import crm_dsn
-        from store_sync.transform import run_checks
 
         return run_checks(crm_dsn())
 

@@ -35,7 +35,7 @@ from airflow.sdk import Asset, Param, dag
 
 from store_sync.dag_defaults import DEFAULT_ARGS, FETCH_POOL, FETCH_PRIORITY, Tag, inbox_asset_name
 from store_sync.fetch_operator import FetchOnDemandOperator
-from store_sync.fetch_queue import fetchable, lands_in
+from store_sync.outbound.fetch_queue import fetchable, lands_in
 
 
 @dag(dag_id="store_fetch_on_demand", schedule="@continuous", start_date=datetime(2026, 1, 1), catchup=False,

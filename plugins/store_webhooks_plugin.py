@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
-from store_sync.webhook_receiver import create_app
+from store_sync.inbound.webhook_receiver import create_app
 
 
 class StoreWebhooksPlugin(AirflowPlugin):

@@ -28,7 +28,7 @@ def serve(args: argparse.Namespace) -> None:
 
     from .api import create_app
     from .faults import Faults
-    from .simulator import ChangeSimulator
+    from .simulator import ChangeSimulator, mount_control
 
     db = Path(args.db) if args.db else default_db(args.size, args.seed)
     if args.fresh or not db.exists():
@@ -45,6 +45,7 @@ def serve(args: argparse.Namespace) -> None:
         app.state.domain.changes.listeners.append(change_logger(args.change_log))
     simulator = ChangeSimulator(app.state.domain, args.changes_per_second, seed=args.seed)
     app.state.simulator = simulator
+    mount_control(app, simulator, faults)
     simulator.start()
     ssl = {}
     if args.tls:

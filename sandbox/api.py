@@ -18,12 +18,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from . import project
-from .auth import WWW_AUTH, authenticate
+from .auth import WWW_AUTH, authenticate, check_permissions
 from .catalog import ORDER_STATUS_LABELS, SUBSCRIPTION_STATUS_LABELS
-from .domain import Domain, StoreError
+from .domain import Domain, StoreError, UncaughtException, enum_error, invalid_params
 from .faults import GATEWAY, PHP_FATAL, PHP_NOTICE, Faults
 from .storage import WP_FORMAT, Store
-from .webhooks import WebhookDeliverer
+from .webhooks import WebhookDeliverer, default_secret
 
 NS = "/wp-json/wc/v3"
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}(?::?\d{2})?)?$")
@@ -48,16 +48,48 @@ def error(code: str, message: str, status: int, headers: dict | None = None, **d
                         status_code=status, headers=headers)
 
 
-def invalid_param(name: str, reason: str) -> StoreError:
-    return StoreError("rest_invalid_param", f"Invalid parameter(s): {name}", 400, params={name: reason})
+def fatal(request: Request) -> Response:
+    """An uncaught PHP exception: WP_Fatal_Error_Handler's wp_die() answers 500, as JSON
+    (``_json_wp_die_handler``) when the request is JSON, else the HTML page. The exception's own
+    message is only logged, never shown."""
+    wants_json = "json" in request.headers.get("content-type", "") or "json" in request.headers.get("accept", "")
+    if not wants_json:
+        return Response(PHP_FATAL, status_code=500, media_type="text/html")
+    return JSONResponse({"code": "internal_server_error",
+                         "message": "<p>There has been a critical error on this website.</p><p><a href=\""
+                                    "https://wordpress.org/documentation/article/faq-troubleshooting/\">Learn more "
+                                    "about troubleshooting WordPress.</a></p>",
+                         "data": {"status": 500}, "additional_errors": []}, status_code=500)
+
+
+# Registration order of the CRUD controllers' collection params (get_collection_params in
+# class-wc-rest-crud-controller.php / class-wc-rest-orders-v2-controller.php): WordPress validates
+# them in this order, so the message names them in this order too.
+PARAM_ORDER = ("context", "page", "per_page", "search", "after", "before", "modified_after", "modified_before",
+               "dates_are_gmt", "exclude", "include", "offset", "order", "orderby", "parent", "parent_exclude",
+               "status", "customer", "product", "dp", "type", "sku", "category", "role", "email", "force")
 
 
 class Query:
-    """Read and validate query parameters the way WP_REST_Request + the controller schema do."""
+    """Read and validate query parameters the way WP_REST_Request + the controller schema do.
+
+    A bad value is recorded, not raised: ``WP_REST_Request::has_valid_params`` checks every
+    registered arg and answers one ``rest_invalid_param`` naming all of them (``check()``).
+    """
 
     def __init__(self, request: Request):
         self.items = list(parse_qsl(request.url.query, keep_blank_values=True))
         self.raw = dict(self.items)
+        self.errors: dict[str, tuple[str, str, object]] = {}
+
+    def bad(self, name: str, code: str, message: str, data: object = None) -> None:
+        self.errors.setdefault(name, (code, message, data))
+
+    def check(self) -> None:
+        if self.errors:
+            rank = {p: n for n, p in enumerate(PARAM_ORDER)}
+            ordered = dict(sorted(self.errors.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+            raise invalid_params(ordered)
 
     def get(self, name: str, default=None):
         return self.raw.get(name, default)
@@ -72,27 +104,35 @@ class Query:
         return out
 
     def int(self, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
+        # rest_validate_value_from_schema / rest_validate_number_value_from_schema (wp-includes/rest-api.php)
         value = self.raw.get(name)
         if value is None:
             return default
         try:
             n = int(value)
         except ValueError:
-            raise invalid_param(name, f"{name} is not of type integer.") from None
+            self.bad(name, "rest_invalid_type", f"{name} is not of type integer.", {"param": name})
+            return default
         if lo is not None and hi is not None and not lo <= n <= hi:
-            raise invalid_param(name, f"{name} must be between {lo} (inclusive) and {hi} (inclusive)")
+            self.bad(name, "rest_out_of_bounds", f"{name} must be between {lo} (inclusive) and {hi} (inclusive)")
+            return default
         if lo is not None and n < lo:
-            raise invalid_param(name, f"{name} must be greater than or equal to {lo}")
+            self.bad(name, "rest_out_of_bounds", f"{name} must be greater than or equal to {lo}")
+            return default
         return n
 
     def ints(self, name: str) -> list[int] | None:
         values = self.list(name)
         if values is None:
             return None
-        try:
-            return [int(v) for v in values]
-        except ValueError:
-            raise invalid_param(name, f"{name}[0] is not of type integer.") from None
+        out = []
+        for n, v in enumerate(values):
+            try:
+                out.append(int(v))
+            except ValueError:
+                self.bad(name, "rest_invalid_type", f"{name}[{n}] is not of type integer.", {"param": f"{name}[{n}]"})
+                return None
+        return out
 
     def bool(self, name: str) -> bool:
         return str(self.raw.get(name, "")).lower() in ("1", "true", "yes")
@@ -100,8 +140,18 @@ class Query:
     def enum(self, name: str, allowed: tuple[str, ...], default: str) -> str:
         value = self.raw.get(name, default)
         if value not in allowed:
-            raise invalid_param(name, f"{name} is not one of {', '.join(allowed)}.")
+            self.bad(name, *enum_error(name, allowed))
+            return default
         return value
+
+    def enum_list(self, name: str, allowed: tuple[str, ...], default: str) -> list[str]:
+        """An array arg with an item enum (orders' ``status``): the bad item is named ``status[i]``."""
+        wanted = self.list(name) or [default]
+        for n, value in enumerate(wanted):
+            if value not in allowed:
+                self.bad(name, *enum_error(f"{name}[{n}]", allowed))
+                return [default]
+        return wanted
 
     def date(self, name: str, tz: ZoneInfo) -> str | None:
         """WP's date filters: parse in the site timezone, compare as site-local wall-clock text."""
@@ -109,7 +159,8 @@ class Query:
         if value is None:
             return None
         if not RFC3339.match(value):
-            raise invalid_param(name, "Invalid date.")
+            self.bad(name, "rest_invalid_date", "Invalid date.")
+            return None
         text = value.replace("t", "T").replace(" ", "T")
         if text.endswith(("Z", "z")):
             text = text[:-1] + "+00:00"
@@ -170,6 +221,9 @@ def paged_response(request: Request, q: Query, docs: list[dict], total: int, pag
     garbled = [d for d in docs if "total" in d]
     if garbled and request.app.state.faults.roll("garbage"):
         random.choice(garbled)["total"] = "N/A"
+    if docs and request.app.state.faults.roll("junk"):
+        # A plugin's filter on the REST response left an element that is no record.
+        docs[random.randrange(len(docs))] = random.choice([False, None, "", {"id": None}, {"name": "no id"}])
     return JSONResponse(docs, headers=headers)
 
 
@@ -240,19 +294,23 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
                     authenticate, store, scheme=request.url.scheme, method=request.method, url=url,
                     query=request.url.query, headers={k.lower(): v for k, v in request.headers.items()}, form=form)
             except StoreError as exc:
-                headers = {"WWW-Authenticate": exc.data["www_authenticate"]} if "www_authenticate" in exc.data else None
-                return error(exc.code, exc.message, exc.status, headers)
+                return error(exc.code, exc.message, exc.status)
             method = request.headers.get("x-http-method-override", request.method).upper()
             if key is None:
                 return error(*denied(method, path))
-            if method not in ("GET", "HEAD", "OPTIONS") and key["permissions"] == "read":
-                return error("woocommerce_rest_authentication_error",
-                             "The API key provided does not have write permissions.", 401)
+            try:
+                check_permissions(key, method)  # rest_pre_dispatch: read scope for GET, write for the rest
+            except StoreError as exc:
+                return error(exc.code, exc.message, exc.status)
             request.state.key = key
         try:
             response = await call_next(request)
+        except UncaughtException:
+            return fatal(request)
         except StoreError as exc:
             return error(exc.code, exc.message, exc.status, **exc.data)
+        if request.method in ("POST", "PUT", "PATCH", "DELETE") and response.status_code < 300 and f.roll("late"):
+            await asyncio.sleep(f.slow_seconds)
         body_fault = f.pick_body_fault() if request.method == "GET" and response.status_code == 200 else None
         if body_fault:
             body = b"".join([chunk async for chunk in response.body_iterator])
@@ -288,7 +346,9 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
         return error("rest_no_route", "No route was found matching the URL and request method.", 404)
 
     @app.exception_handler(StoreError)
-    async def store_error(_request: Request, exc: StoreError):
+    async def store_error(request: Request, exc: StoreError):
+        if isinstance(exc, UncaughtException):
+            return fatal(request)
         return error(exc.code, exc.message, exc.status, **exc.data)
 
     def base(request: Request) -> str:
@@ -364,6 +424,7 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
         if include := q.ints("include"):
             where.append(f"id - 1000 IN ({','.join('?' * len(include))})")
             args.extend(include)
+        q.check()
         col = {"id": "id", "name": "name", "slug": "code", "include": "id", "term_group": "id",
                "description": "v_text1", "count": "id"}[orderby]
         sql_where = " AND ".join(where)
@@ -406,6 +467,7 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
         if search := q.get("search"):
             where.append("(user_email LIKE ? OR user_login LIKE ? OR display_name LIKE ?)")
             args.extend([f"%{search}%"] * 3)
+        q.check()
         sql_where = " AND ".join(where) or "1=1"
         total = store.db.execute(f"SELECT COUNT(*) FROM users WHERE {sql_where}", args).fetchone()[0]
         order_sql = {"id": f"id {order}", "name": f"display_name {order}, id {order}",
@@ -480,10 +542,8 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
         where = [f"p.post_type IN ({','.join('?' * len(types))})"]
         args: list[Any] = list(types)
         if statuses is not None:
-            wanted = q.list("status") or ["any"]
-            for s in wanted:
-                if s not in (*statuses, "any", "trash"):
-                    raise invalid_param("status", f"status[0] is not one of {', '.join((*statuses, 'any', 'trash'))}.")
+            # The item enum is array_merge(['any', 'trash'], statuses) (class-wc-rest-orders-controller.php).
+            wanted = q.enum_list("status", ("any", "trash", *statuses), "any")
             if "any" in wanted:
                 where.append("p.post_status NOT IN ('trash', 'auto-draft')")
             else:
@@ -516,6 +576,7 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
             args.extend([f"%{search}%"] * 2)
         if extra:
             extra(q, where, args)
+        q.check()
         sql_where = " AND ".join(where)
         total = store.db.execute(f"SELECT COUNT(*) FROM posts p WHERE {sql_where}", args).fetchone()[0]
         col = {"date": "p.post_date", "modified": "p.post_modified", "id": "p.id", "title": "p.post_title",
@@ -623,6 +684,27 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
             request, "shop_order_refund", statuses=None, orderby_allowed=ORDERBY["posts"], parent_in=[oid])
         return paged_response(request, q, project_posts(request, "refunds", ids), total, page, per_page)
 
+    @app.post(NS + "/orders/{oid}/refunds", status_code=201)
+    async def create_order_refund(request: Request, oid: int):
+        # WC_REST_Order_Refunds_V2_Controller::prepare_object_for_database (plugins/woocommerce/includes/
+        # rest-api/Controllers/Version2/class-wc-rest-order-refunds-v2-controller.php): a missing order is
+        # 404, a negative amount 400, anything wc_create_refund refuses (more than is left to refund, a
+        # gateway that cannot refund when api_refund is true, its default) 500; meta_data saved after.
+        body = await json_body(request)
+        if domain.post(oid, ("shop_order",)) is None:
+            raise StoreError("woocommerce_rest_invalid_order_id", "Invalid order ID.", 404)
+        try:
+            amount = float(body.get("amount") or 0)
+        except (TypeError, ValueError):
+            raise StoreError("rest_invalid_param", "Invalid parameter(s): amount", 400,
+                             params={"amount": "amount is not of type string."}) from None
+        if amount < 0:
+            raise StoreError("woocommerce_rest_invalid_order_refund", "Refund amount must be greater than zero.", 400)
+        rid = await asyncio.to_thread(locked, domain.create_refund_as_api, oid, amount, body.get("reason") or "",
+                                      body.get("api_refund", True) is not False, body.get("line_items") or [],
+                                      body.get("meta_data") or [])
+        return JSONResponse(project_posts(request, "refunds", [rid])[0], status_code=201)
+
     @app.get(NS + "/orders/{oid}/refunds/{rid}")
     def get_order_refund(request: Request, oid: int, rid: int):
         row = domain.post(rid, ("shop_order_refund",))
@@ -636,11 +718,13 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
         if sub is None:
             raise StoreError("woocommerce_rest_invalid_shop_subscription_id", "Invalid subscription ID.", 404)
         related = [(sub["post_parent"], "parent_order")] if sub["post_parent"] else []
+        # get_related_orders() per type, parent then renewal then switch; within a type the
+        # related-order store answers newest id first (WCS get_subscription_orders).
         related += [(r[0], "renewal_order") for r in store.db.execute(
-            "SELECT post_id FROM postmeta WHERE meta_key='_subscription_renewal' AND meta_value=? ORDER BY post_id",
+            "SELECT post_id FROM postmeta WHERE meta_key='_subscription_renewal' AND meta_value=? ORDER BY post_id DESC",
             (json.dumps(str(sid)),))]
         related += [(r[0], "switch_order") for r in store.db.execute(
-            "SELECT post_id FROM postmeta WHERE meta_key='_subscription_switch' AND meta_value=? ORDER BY post_id",
+            "SELECT post_id FROM postmeta WHERE meta_key='_subscription_switch' AND meta_value=? ORDER BY post_id DESC",
             (json.dumps(str(sid)),))]
         kinds = dict(related)
         docs = project.orders(store, [i for i, _ in related], base(request))
@@ -737,7 +821,9 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
             def list_notes(request: Request, pid: int):
                 owner(pid)
                 q = Query(request)
-                return project.notes(store, pid, q.enum("type", ("any", "customer", "internal"), "any"))
+                note_type = q.enum("type", ("any", "customer", "internal"), "any")
+                q.check()
+                return project.notes(store, pid, note_type)
 
             @app.post(f"{NS}/{rest}/{{pid}}/notes", status_code=201, name=f"add_note_{rest}")
             async def add_note(request: Request, pid: int):
@@ -798,7 +884,7 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
                 "INSERT INTO webhooks(name, status, topic, delivery_url, secret, date_created_gmt, date_modified_gmt) "
                 "VALUES (?,?,?,?,?,?,?)",
                 (body.get("name", body["topic"]), body.get("status", "active"), body["topic"], body["delivery_url"],
-                 body.get("secret") or "sandbox-default-secret", now, now))
+                 body.get("secret") or default_secret(), now, now))
         wid = cur.lastrowid
         await asyncio.to_thread(hooks.ping, wid)
         row = store.db.execute("SELECT * FROM webhooks WHERE id=?", (wid,)).fetchone()
@@ -854,6 +940,8 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
             try:
                 with store.write_lock:
                     return fn(arg)
+            except UncaughtException:
+                raise  # kills the whole batch request, as the PHP exception would
             except StoreError as exc:
                 return {"id": fallback_id, "error": {"code": exc.code, "message": exc.message,
                                                      "data": {"status": exc.status, **exc.data}}}

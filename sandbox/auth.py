@@ -1,9 +1,17 @@
-"""WooCommerce REST authentication, as ``WC_REST_Authentication`` does it.
+"""WooCommerce REST authentication, as ``WC_REST_Authentication`` does it
+(plugins/woocommerce/includes/class-wc-rest-authentication.php).
 
-* Over HTTPS: consumer key/secret from the query string first, else HTTP Basic.
-* Over plain HTTP: one-legged OAuth 1.0a only (HMAC-SHA1 or HMAC-SHA256, key = secret + "&",
-  15-minute timestamp window, nonces never reused). Basic over HTTP is ignored, as on a real store:
-  the request goes on anonymously and the endpoint's permission check answers 401.
+* Over HTTPS: consumer key/secret from the query string first, else HTTP Basic. When that does not
+  log a user in (no keys, unknown key, wrong secret), OAuth 1.0a is tried next, as on plain HTTP:
+  ``authenticate()`` calls ``perform_oauth_authentication()`` whenever Basic returned no user. A
+  wrong secret leaves its error set; because OAuth then ran, ``auth_method`` is ``oauth1`` and
+  ``send_unauthorized_headers`` sends no ``WWW-Authenticate``.
+* OAuth 1.0a one-legged (HMAC-SHA1 or HMAC-SHA256, key = secret + "&", 15-minute timestamp window,
+  nonces never reused): parameters from the query string, the form body and the ``Authorization:
+  OAuth`` header (only its ``oauth_*`` pairs, so ``realm`` is never signed); top-level keys sorted
+  with ``strcmp``; array parameters signed by index (``key[0]``); the given signature rawurldecoded.
+* Basic over plain HTTP is ignored: the request goes on anonymously and the endpoint's permission
+  check answers 401.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 from urllib.parse import parse_qsl, quote, unquote
 
@@ -23,59 +32,90 @@ OAUTH_PARAMS = ("oauth_consumer_key", "oauth_timestamp", "oauth_nonce", "oauth_s
 
 
 def rfc3986(value: str) -> str:
+    """``wc_rest_urlencode_rfc3986``: PHP ``rawurlencode``."""
     return quote(value, safe="~-._")
 
 
-def oauth_base_string(method: str, url: str, params: dict[str, str]) -> str:
-    """The string WooCommerce signs: METHOD&enc(url)&enc(k=v&... sorted by key)."""
-    pairs = sorted((k, v) for k, v in params.items() if k != "oauth_signature")
-    # normalize_parameters() encodes keys and values, join_with_equals_sign() encodes "k=v" again.
-    query = "%26".join(rfc3986(f"{rfc3986(k)}={rfc3986(v)}") for k, v in pairs)
-    return f"{method.upper()}&{rfc3986(url)}&{query}"
+def php_params(pairs: list[tuple[str, str]]) -> dict[str, str | dict[str, str]]:
+    """PHP's ``$_GET``/``$_POST``: the last value of a key wins, ``k[]=``/``k[i]=`` build an array."""
+    out: dict[str, str | dict[str, str]] = {}
+    for key, value in pairs:
+        m = re.fullmatch(r"([^\[\]]+)\[([^\]]*)\]", key)
+        if not m:
+            out[key] = value
+            continue
+        arr = out.get(m[1])
+        if not isinstance(arr, dict):
+            arr = out[m[1]] = {}
+        index = m[2] if m[2] != "" else str(sum(1 for k in arr if k.isdigit()))
+        arr[index] = value
+    return out
 
 
-def oauth_signature(method: str, url: str, params: dict[str, str], secret: str, algo: str = "HMAC-SHA256") -> str:
+def _join_with_equals_sign(params: dict, prefix: str = "") -> list[str]:
+    """``join_with_equals_sign``: an array value is signed as ``key%5B0%5D=value`` (then encoded again)."""
+    out = []
+    for key, value in params.items():
+        if prefix:
+            key = f"{prefix}%5B{key}%5D"
+        if isinstance(value, dict):
+            out.extend(_join_with_equals_sign(value, key))
+        else:
+            out.append(rfc3986(f"{key}={value}"))
+    return out
+
+
+def _normalize(value):
+    if isinstance(value, dict):
+        return {rfc3986(str(k)): _normalize(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return {rfc3986(str(n)): _normalize(v) for n, v in enumerate(value)}
+    return rfc3986(str(value))
+
+
+def oauth_base_string(method: str, url: str, params: dict) -> str:
+    """The string WooCommerce signs: METHOD&enc(url)&enc(k=v)%26... (``check_oauth_signature``)."""
+    ordered = sorted(((k, v) for k, v in params.items() if k != "oauth_signature"), key=lambda kv: kv[0].encode())
+    normalized = {rfc3986(k): _normalize(v) for k, v in ordered}
+    return f"{method.upper()}&{rfc3986(url)}&{'%26'.join(_join_with_equals_sign(normalized))}"
+
+
+def oauth_signature(method: str, url: str, params: dict, secret: str, algo: str = "HMAC-SHA256") -> str:
     digest = {"HMAC-SHA1": hashlib.sha1, "HMAC-SHA256": hashlib.sha256}[algo]
     mac = hmac.new(f"{secret}&".encode(), oauth_base_string(method, url, params).encode(), digest)
     return base64.b64encode(mac.digest()).decode()
 
 
 def _parse_oauth_header(header: str) -> dict[str, str]:
-    if not header.lower().startswith("oauth "):
+    """``parse_header``: only ``oauth_*`` pairs are taken, so ``realm`` never reaches the signature."""
+    if not header.startswith("OAuth "):
         return {}
-    out = {}
-    for part in header[6:].split(","):
-        if "=" in part:
-            k, v = part.strip().split("=", 1)
-            out[k] = unquote(v.strip().strip('"'))
-    return out
+    return {m[1]: unquote(m[3] if m[3] else m[4])
+            for m in re.finditer(r'(oauth_[a-z_-]*)=(:?"([^"]*)"|([^,]*))', header)}
 
 
-def authenticate(store: Store, *, scheme: str, method: str, url: str, query: str, headers: dict[str, str],
-                 form: str = "") -> dict | None:
-    """Return the API key row, None for an anonymous request, or raise StoreError (401)."""
-    if scheme == "https":
-        params = dict(parse_qsl(query, keep_blank_values=True))
-        if params.get("consumer_key") and params.get("consumer_secret"):
-            key, secret = params["consumer_key"], params["consumer_secret"]
-        elif headers.get("authorization", "").lower().startswith("basic "):
-            try:
-                key, _, secret = base64.b64decode(headers["authorization"][6:]).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                return None
-        else:
-            return None
-        row = store.db.execute("SELECT * FROM api_keys WHERE consumer_key=?", (key,)).fetchone()
-        if row is None:
-            return None  # unknown key: no error here, the permission check will refuse
-        if not hmac.compare_digest(row["consumer_secret"], secret):
-            raise StoreError("woocommerce_rest_authentication_error", "Consumer secret is invalid.", 401,
-                             www_authenticate=WWW_AUTH)
-        return dict(row)
+def _basic(store: Store, params: dict, headers: dict[str, str]):
+    """``perform_basic_authentication``: (key row or None, error or None)."""
+    key = secret = ""
+    if params.get("consumer_key") and params.get("consumer_secret"):
+        key, secret = params["consumer_key"], params["consumer_secret"]
+    if not key and headers.get("authorization", "").lower().startswith("basic "):
+        try:
+            key, _, secret = base64.b64decode(headers["authorization"][6:]).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            key = secret = ""
+    if not key or not secret or not isinstance(key, str) or not isinstance(secret, str):
+        return None, None
+    row = store.db.execute("SELECT * FROM api_keys WHERE consumer_key=?", (key,)).fetchone()
+    if row is None:
+        return None, None  # unknown key: no error here, the permission check will refuse
+    if not hmac.compare_digest(row["consumer_secret"], secret):
+        return None, StoreError("woocommerce_rest_authentication_error", "Consumer secret is invalid.", 401)
+    return dict(row), None
 
-    params = dict(parse_qsl(query, keep_blank_values=True))
-    params.update(dict(parse_qsl(form, keep_blank_values=True)))
-    params.update(_parse_oauth_header(headers.get("authorization", "")))
+
+def _oauth(store: Store, method: str, url: str, params: dict) -> dict | None:
+    """``perform_oauth_authentication``: the key row, None when no OAuth was attempted, or raise."""
     present = [p for p in OAUTH_PARAMS if params.get(p)]
     if not present:
         return None
@@ -92,7 +132,7 @@ def authenticate(store: Store, *, scheme: str, method: str, url: str, query: str
         raise StoreError("woocommerce_rest_authentication_error",
                          "Invalid signature - signature method is invalid.", 401)
     expected = oauth_signature(method, url, params, row["consumer_secret"], algo)
-    given = params["oauth_signature"].replace(" ", "+")
+    given = unquote(str(params["oauth_signature"]).replace(" ", "+"))
     if not hmac.compare_digest(expected, given):
         raise StoreError("woocommerce_rest_authentication_error",
                          "Invalid signature - provided signature does not match.", 401)
@@ -111,3 +151,31 @@ def authenticate(store: Store, *, scheme: str, method: str, url: str, query: str
             raise StoreError("woocommerce_rest_authentication_error",
                              "Invalid nonce - nonce has already been used.", 401) from exc
     return dict(row)
+
+
+def authenticate(store: Store, *, scheme: str, method: str, url: str, query: str, headers: dict[str, str],
+                 form: str = "") -> dict | None:
+    """Return the API key row, None for an anonymous request, or raise StoreError (401)."""
+    get = php_params(parse_qsl(query, keep_blank_values=True))
+    error = None
+    if scheme == "https":  # is_ssl()
+        row, error = _basic(store, get, headers)
+        if row is not None:
+            return row
+    params = {**get, **php_params(parse_qsl(form, keep_blank_values=True)),
+              **_parse_oauth_header(headers.get("authorization", "").strip())}
+    row = _oauth(store, method, url, params)  # its own error replaces Basic's (set_error)
+    if error is not None:
+        raise error  # Basic's error stays set even when OAuth then logs a user in
+    return row
+
+
+def check_permissions(key: dict, method: str) -> None:
+    """``check_permissions``: a key's scope against the request method (401, not 403)."""
+    perms = key["permissions"]
+    if method in ("GET", "HEAD") and perms not in ("read", "read_write"):
+        raise StoreError("woocommerce_rest_authentication_error",
+                         "The API key provided does not have read permissions.", 401)
+    if method in ("POST", "PUT", "PATCH", "DELETE") and perms not in ("write", "read_write"):
+        raise StoreError("woocommerce_rest_authentication_error",
+                         "The API key provided does not have write permissions.", 401)

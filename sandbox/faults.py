@@ -15,8 +15,11 @@ Kinds:
                (a record modified while a client pages through)
   skew         the store's clock jumps a few seconds back and forth
   garbage      one record of a list page carries a broken field (a plugin wrote "N/A" into a total)
+  junk         one element of a list page is no record (false, null, "", an object without id)
   empty        a list answer replaced by ``[]``, headers kept (a page cache or WAF answering stale)
   nopaging     X-WP-Total, X-WP-TotalPages and Link stripped (a proxy or CDN that drops headers)
+  late         a write is applied, then its answer comes ``--slow-seconds`` late (a client may time out
+               or die before it learns that the store did it)
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import random
 import threading
 
 KINDS = ("429", "429nr", "500", "502", "504", "slow", "truncated", "notice", "shift", "skew", "garbage", "empty",
-         "nopaging")
+         "nopaging", "late", "junk")
 
 PHP_FATAL = (
     "<html><head><title>WordPress &rsaquo; Error</title></head><body id=\"error-page\">"
@@ -40,16 +43,27 @@ PHP_NOTICE = "<br />\n<b>Notice</b>:  Undefined index: billing in <b>/var/www/ht
 
 class Faults:
     def __init__(self, spec: str = "", seed: int = 1, slow_seconds: float = 1.5):
-        self.rates: dict[str, float] = {}
+        self.rates: dict[str, float] = self.parse(spec)
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.slow_seconds = slow_seconds
+        self.counts: dict[str, int] = {k: 0 for k in KINDS}  # faults injected so far, by kind
+
+    @staticmethod
+    def parse(spec: str) -> dict[str, float]:
+        rates = {}
         for part in filter(None, (p.strip() for p in (spec or "").split(","))):
             kind, _, rate = part.partition("=")
             if kind not in KINDS:
                 raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(KINDS)}")
-            self.rates[kind] = float(rate or 1.0)
-        self.rng = random.Random(seed)
-        self.lock = threading.Lock()
-        self.slow_seconds = slow_seconds
-        self.counts: dict[str, int] = {k: 0 for k in KINDS}
+            rates[kind] = float(rate or 1.0)
+        return rates
+
+    def configure(self, spec: str) -> None:
+        """Replace the rates at run time (the counts go on)."""
+        rates = self.parse(spec)
+        with self.lock:
+            self.rates = rates
 
     def roll(self, kind: str) -> bool:
         rate = self.rates.get(kind, 0.0)

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from . import catalog
-from .domain import POST_INSERT, build_order_lines, money, order_lines_rows, post_row
+from .domain import POST_INSERT, add_period, build_order_lines, money, order_lines_rows, post_row
 from .storage import LISTS, WP_FORMAT, Store, dumps
 
 
@@ -34,7 +34,9 @@ SIZES = {
     "large": Size(customers=150_000, products=3_000, orders=1_000_000, subscriptions=40_000, days=1_460),
 }
 
-DEFAULT_KEYS = (("ck_sandbox", "cs_sandbox", "read_write"), ("ck_sandbox_ro", "cs_sandbox_ro", "read"))
+# A key's scope is read, write or read_write; a write-only key is legal and cannot read.
+DEFAULT_KEYS = (("ck_sandbox", "cs_sandbox", "read_write"), ("ck_sandbox_ro", "cs_sandbox_ro", "read"),
+                ("ck_sandbox_wo", "cs_sandbox_wo", "write"))
 
 
 def generate(path: str | Path, size: str = "tiny", seed: int = 1, timezone: str = "Europe/Madrid",
@@ -173,11 +175,25 @@ class Generator:
         self.db.executemany("INSERT INTO usermeta(user_id, meta_key, meta_value) VALUES (?,?,?)", meta)
         self.emails = {u[0]: u[2] for u in users}
 
+    def attachment(self, parent: int, name: str, when: datetime, posts: list, meta: list) -> int:
+        """An image in the media library: an ``attachment`` post (shared id sequence) + its file meta."""
+        aid = self.next_post()
+        posts.append(post_row(self.store, aid, "attachment", "inherit", when, when, parent=parent, title=name,
+                              slug=name))
+        meta.append((aid, "_wp_attached_file", dumps(f"{when:%Y/%m}/{name}.jpg")))
+        meta.append((aid, "_wp_attachment_image_alt", dumps(name.replace("-", " ") if self.rng.random() < 0.5 else "")))
+        return aid
+
     def products(self) -> None:
         rng, posts, meta, rels = self.rng, [], [], []
         self.sellable: list[dict] = []
         self.subscription_products: list[dict] = []
         cat_slugs = list(self.categories)
+        # Category thumbnails: term meta thumbnail_id -> an attachment (lookup_meta is the term meta).
+        for slug in cat_slugs[1::3]:
+            aid = self.attachment(0, f"category-{slug}", self.start, posts, meta)
+            self.db.execute("INSERT INTO lookup_meta VALUES (?,?,?)", (self.categories[slug] + 1000, "thumbnail_id", str(aid)))
+        product_ids: list[int] = []
         for n in range(self.size.products):
             pid = self.next_post()
             kind = rng.random()
@@ -208,9 +224,42 @@ class Generator:
                     "_description": f"<p>About {title}</p>", "_short_description": ""}
             if virtual and rng.random() < 0.7:
                 rows["_course_id"] = rng.randint(1000, 9999)  # LMS plugins link the course by product meta
+            # The rest of a product's postmeta (WC_Product_Data_Store_CPT keys), sparse as on a real shop.
+            if rng.random() < 0.6:
+                rows["_thumbnail_id"] = self.attachment(pid, f"product-{pid}", created, posts, meta)
+                if rng.random() < 0.3:
+                    rows["_product_image_gallery"] = str(self.attachment(pid, f"product-{pid}-2", created, posts, meta))
+            if sale and rng.random() < 0.5:
+                rows["_sale_price_dates_from"] = int(created.timestamp()) // 86400 * 86400
+                rows["_sale_price_dates_to"] = rows["_sale_price_dates_from"] + 86400 * rng.choice([7, 30, 90])
+            if rows["_downloadable"]:
+                fid = f"{rng.getrandbits(128):032x}"
+                rows["_downloadable_files"] = {fid: {"id": f"{fid[:8]}-{fid[8:12]}-{fid[12:16]}-{fid[16:20]}-{fid[20:]}",
+                                                     "name": f"{title} (PDF)",
+                                                     "file": f"https://cdn.example.com/files/{pid}.pdf"}}
+                rows["_download_limit"], rows["_download_expiry"] = rng.choice([(-1, -1), (5, 365), (-1, 30)])
+            if not virtual:
+                rows["_length"], rows["_width"], rows["_height"] = (f"{rng.randint(5, 60)}" for _ in range(3))
+                rows["_backorders"] = rng.choices(["no", "notify", "yes"], [80, 10, 10])[0]
+                if rng.random() < 0.4:
+                    rows["_low_stock_amount"] = rng.choice([2, 5, 10])
+                if rng.random() < 0.3:
+                    rows["_global_unique_id"] = f"{rng.randint(10**12, 10**13 - 1)}"
+            elif rng.random() < 0.5:
+                rows["_sold_individually"] = True
+                rows["_purchase_note"] = "Your course is in My account &rarr; Courses."
+            if product_ids and rng.random() < 0.2:
+                rows["_upsell_ids"] = rng.sample(product_ids, min(2, len(product_ids)))
+            if product_ids and rng.random() < 0.2:
+                rows["_crosssell_ids"] = rng.sample(product_ids, 1)
+            if rng.random() < 0.4:
+                count = rng.randint(1, 40)
+                rows["_wc_rating_count"], rows["_wc_review_count"] = count, count
+                rows["_wc_average_rating"] = f"{rng.uniform(3, 5):.2f}"
+            product_ids.append(pid)
             if ptype == "subscription":
                 rows["_subscription_period"] = "month" if "Monthly" in title else "year"
-                rows["_subscription_period_interval"] = 1
+                rows["_subscription_period_interval"] = rng.choice([1, 1, 2])
             if rng.random() < 0.1:
                 rows["_yoast_wpseo_focuskw"] = title.lower()
             meta.extend((pid, k, dumps(v)) for k, v in rows.items())
@@ -242,7 +291,8 @@ class Generator:
                         self.sellable.append({"id": vid, "parent_id": pid, "name": vname, "price": vprice,
                                               "item_meta": {"pa_color": color[1].lower(), "pa_size": sz[1]}})
             elif ptype == "subscription":
-                self.subscription_products.append(base | {"period": rows["_subscription_period"]})
+                self.subscription_products.append(base | {"period": rows["_subscription_period"],
+                                                          "interval": rows["_subscription_period_interval"]})
                 self.sellable.append(base)
             else:
                 self.sellable.append(base)
@@ -252,7 +302,7 @@ class Generator:
 
     def order_rows(self, oid: int, post_type: str, status: str, created: datetime, modified: datetime,
                    customer: int, parent: int, products: list[dict], qtys: list[int],
-                   extra_meta: dict, sink: dict) -> dict:
+                   extra_meta: dict, sink: dict, fee_rate: float = 0.05) -> dict:
         rng = self.rng
         first_last = (rng.choice(catalog.FIRST_NAMES), rng.choice(catalog.LAST_NAMES))
         email = self.emails.get(customer) or f"guest{oid}@{rng.choice(['mail.com', 'correo.es'])}"
@@ -261,7 +311,7 @@ class Generator:
         billing = self.address(*first_last, email)
         physical = any(not p.get("virtual", True) for p in products) or rng.random() < 0.3
         shipping = round(rng.choice([4.95, 9.9, 0.0]), 2) if physical else None
-        fee = 1.5 if rng.random() < 0.05 else None
+        fee = 1.5 if rng.random() < fee_rate else None
         coupon = ("welcome10", 10.0) if rng.random() < 0.1 else None
         lines, totals = build_order_lines(products, qtys, rng.choice([0.21, 0.10, 0.0]), shipping, fee, coupon,
                                           rate_id=rng.choice([1, 2, 3]), rate_code="ES-IVA-1")
@@ -371,23 +421,29 @@ class Generator:
                             [product], [1], {}, sink)
             sid = self.next_post()
             status = rng.choice(statuses)
-            period = product["period"]
-            step = timedelta(days=30 if period == "month" else 365)
+            period, interval = product["period"], product["interval"]
+            offset = self.store.tz.utcoffset(created) or timedelta(0)
+
+            def step(d: datetime, interval=interval, period=period, offset=offset) -> datetime:
+                # Renewals follow the billing interval, in calendar periods (wcs_add_time).
+                return add_period(d, interval, period, offset)
+
             renewals, last_paid = [], created
-            while last_paid + step < self.now and len(renewals) < 24:
-                last_paid += step
+            while step(last_paid) < self.now and len(renewals) < 24:
+                last_paid = step(last_paid)
                 renewals.append(last_paid)
             modified = max([created, *renewals]) + timedelta(minutes=1)
             fmt = lambda d: d.strftime(WP_FORMAT) if d else ""  # noqa: E731 - GMT-only, "" when unset
-            sched = {"_billing_period": period, "_billing_interval": "1", "_schedule_start": fmt(created),
+            sched = {"_billing_period": period, "_billing_interval": str(interval), "_schedule_start": fmt(created),
                      "_schedule_trial_end": "", "_schedule_last_payment": fmt(last_paid),
-                     "_schedule_next_payment": fmt(last_paid + step) if status == "active" else "",
+                     "_schedule_next_payment": fmt(step(last_paid)) if status == "active" else "",
                      "_schedule_cancelled": fmt(modified) if status in ("cancelled", "pending-cancel") else "",
                      "_schedule_end": fmt(modified) if status in ("cancelled", "expired") else ""}
             if rng.random() < 0.5:
                 sched["_stripe_customer_id"] = f"cus_{rng.getrandbits(40):x}"
+            # Recurring fees (a sign-up kit, a payment surcharge) are copied onto the subscription.
             self.order_rows(sid, "shop_subscription", status, created, min(self.now, modified), customer, parent,
-                            [product], [1], sched, sink)
+                            [product], [1], sched, sink, fee_rate=0.5)
             for when in renewals:
                 oid = self.next_post()
                 self.order_rows(oid, "shop_order", rng.choices(["completed", "processing", "failed"], [85, 10, 5])[0],

@@ -13,6 +13,9 @@ from .domain import (
     ORDER_INTERNAL_META,
     PRODUCT_INTERNAL_META,
     USER_INTERNAL_META,
+    Domain,
+    needs_processing,
+    product_flags,
 )
 from .storage import WP_FORMAT, Store
 
@@ -101,9 +104,59 @@ def _categories_of(store: Store, ids: list[int]) -> dict[int, list[dict]]:
     return out
 
 
+def _price_html(price: str, regular: str, sale: str) -> str:
+    """``get_price_html`` for a EUR store with the symbol on the left (wc_price, wc_format_sale_price)."""
+    def amount(x: str) -> str:
+        return (f'<span class="woocommerce-Price-amount amount"><bdi><span class="woocommerce-Price-currencySymbol">'
+                f'&euro;</span>{float(x):.2f}</bdi></span>')
+    if price == "":
+        return ""
+    if sale and regular and sale != regular:
+        return (f'<del aria-hidden="true">{amount(regular)}</del> <span class="screen-reader-text">Original price was: '
+                f'&euro;{float(regular):.2f}.</span><ins aria-hidden="true">{amount(sale)}</ins><span '
+                f'class="screen-reader-text">Current price is: &euro;{float(sale):.2f}.</span>')
+    return amount(price)
+
+
+def _sale_date(store: Store, value) -> tuple[str | None, str | None]:
+    """``_sale_price_dates_from/_to`` hold unix timestamps; the API shows them site-local and GMT."""
+    if not value:
+        return None, None
+    return pair(store, datetime.fromtimestamp(int(value), UTC).strftime(WP_FORMAT))
+
+
+def _ids(value) -> list[int]:
+    return [int(x) for x in (value or [])]
+
+
+def _related(store: Store, pid: int, upsells: list[int]) -> list[int]:
+    """``wc_get_related_products`` (limit 5): published products sharing a category, not the product
+    itself nor its up-sells. The store shuffles them on every call; the sandbox keeps a fixed order."""
+    exclude = {pid, *upsells}
+    rows = store.db.execute(
+        "SELECT DISTINCT p.id FROM term_relationships a JOIN term_relationships b ON b.term_id=a.term_id "
+        "JOIN posts p ON p.id=b.object_id AND p.post_type='product' AND p.post_status='publish' "
+        "WHERE a.object_id=? ORDER BY (p.id * 7919) % 1009, p.id LIMIT 12", (pid,)).fetchall()
+    return [r[0] for r in rows if r[0] not in exclude][:5]
+
+
+# The fields of a variation (class-wc-rest-product-variations-controller.php prepare_object_for_response).
+VARIATION_FIELDS = (
+    "id", "date_created", "date_created_gmt", "date_modified", "date_modified_gmt", "description", "permalink",
+    "sku", "global_unique_id", "price", "regular_price", "sale_price", "date_on_sale_from", "date_on_sale_from_gmt",
+    "date_on_sale_to", "date_on_sale_to_gmt", "on_sale", "status", "purchasable", "virtual", "downloadable",
+    "downloads", "download_limit", "download_expiry", "tax_status", "tax_class", "manage_stock", "stock_quantity",
+    "stock_status", "backorders", "backorders_allowed", "backordered", "low_stock_amount", "weight", "dimensions",
+    "shipping_class", "shipping_class_id", "image", "attributes", "menu_order", "meta_data", "name", "type",
+    "parent_id",
+)
+
+
 def products(store: Store, ids: list[int], base: str) -> list[dict]:
+    """Products and variations with every field of ``get_product_data`` (Version3 products controller)."""
     if not ids:
         return []
+    site = base.split("/wp-json")[0]
     marks = ",".join("?" * len(ids))
     rows = {r["id"]: r for r in store.db.execute(f"SELECT * FROM posts WHERE id IN ({marks})", ids)}
     metas = store.meta_for("postmeta", "post_id", ids)
@@ -114,6 +167,14 @@ def products(store: Store, ids: list[int], base: str) -> list[dict]:
         ids,
     ):
         variations[r[0]].append(r[1])
+    image_ids: set[int] = set()
+    for pid in ids:
+        for _, k, v in metas.get(pid, []):
+            if k == "_thumbnail_id" and v:
+                image_ids.add(int(v))
+            elif k == "_product_image_gallery" and v:
+                image_ids.update(int(x) for x in str(v).split(",") if x)
+    images = attachments(store, sorted(image_ids), site)
     out = []
     for pid in ids:
         p = rows.get(pid)
@@ -122,43 +183,76 @@ def products(store: Store, ids: list[int], base: str) -> list[dict]:
         m = {k: v for _, k, v in metas[pid]}
         created, modified = pair(store, p["post_date_gmt"]), pair(store, p["post_modified_gmt"])
         is_variation = p["post_type"] == "product_variation"
-        price = m.get("_price", "")
+        ptype = "variation" if is_variation else m.get("_product_type", "simple")
+        price, regular, sale = m.get("_price", ""), m.get("_regular_price", ""), m.get("_sale_price", "")
+        virtual, manage = bool(m.get("_virtual")), bool(m.get("_manage_stock"))
+        stock, stock_status = m.get("_stock"), m.get("_stock_status", "instock")
+        backorders = m.get("_backorders") or "no"
+        backorders_allowed = backorders in ("yes", "notify")
+        on_sale_from, on_sale_to = _sale_date(store, m.get("_sale_price_dates_from")), _sale_date(store, m.get("_sale_price_dates_to"))
+        tax_status = m.get("_tax_status", "taxable")
+        upsells = _ids(m.get("_upsell_ids"))
+        thumb = int(m.get("_thumbnail_id") or 0)
+        gallery = [int(x) for x in str(m.get("_product_image_gallery") or "").split(",") if x]
+        product_images = [images[i] for i in [thumb, *gallery] if i in images]
+        low = m.get("_low_stock_amount")
         doc = {
             "id": pid, "name": p["post_title"], "slug": p["post_name"],
-            "permalink": f"{base.split('/wp-json')[0]}/product/{p['post_name']}/",
+            "permalink": f"{site}/product/{p['post_name']}/",
             "date_created": created[0], "date_created_gmt": created[1],
             "date_modified": modified[0], "date_modified_gmt": modified[1],
-            "type": "variation" if is_variation else m.get("_product_type", "simple"),
-            "status": p["post_status"], "featured": False, "catalog_visibility": "visible",
+            "type": ptype, "status": p["post_status"], "featured": bool(m.get("_featured")),
+            "catalog_visibility": "visible",
             "description": m.get("_description", ""), "short_description": m.get("_short_description", ""),
-            "sku": m.get("_sku", ""), "price": price, "regular_price": m.get("_regular_price", ""),
-            "sale_price": m.get("_sale_price", ""), "on_sale": bool(m.get("_sale_price")),
-            "purchasable": price != "", "total_sales": int(m.get("total_sales") or 0),
-            "virtual": bool(m.get("_virtual")), "downloadable": bool(m.get("_downloadable")),
-            "tax_status": m.get("_tax_status", "taxable"), "tax_class": m.get("_tax_class", ""),
-            "manage_stock": bool(m.get("_manage_stock")), "stock_quantity": m.get("_stock"),
-            "stock_status": m.get("_stock_status", "instock"), "weight": m.get("_weight", ""),
-            "dimensions": {"length": "", "width": "", "height": ""},
-            "parent_id": p["post_parent"], "menu_order": p["menu_order"],
+            "sku": m.get("_sku", ""), "global_unique_id": m.get("_global_unique_id", ""),
+            "price": price, "regular_price": regular, "sale_price": sale,
+            "date_on_sale_from": on_sale_from[0], "date_on_sale_from_gmt": on_sale_from[1],
+            "date_on_sale_to": on_sale_to[0], "date_on_sale_to_gmt": on_sale_to[1],
+            "on_sale": bool(sale), "purchasable": price != "", "total_sales": int(m.get("total_sales") or 0),
+            "virtual": virtual, "downloadable": bool(m.get("_downloadable")),
+            "downloads": [{"id": f["id"], "name": f["name"], "file": f["file"]}
+                          for f in (m.get("_downloadable_files") or {}).values()],
+            "download_limit": int(m.get("_download_limit", -1)), "download_expiry": int(m.get("_download_expiry", -1)),
+            "external_url": m.get("_product_url", ""), "button_text": m.get("_button_text", ""),
+            "tax_status": tax_status, "tax_class": m.get("_tax_class", ""),
+            "manage_stock": manage, "stock_quantity": stock if manage else None,
+            "backorders": backorders, "backorders_allowed": backorders_allowed,
+            # is_on_backorder(): the status says so, or stock managed, backorders allowed and below zero
+            "backordered": stock_status == "onbackorder" or (manage and backorders_allowed and int(stock or 0) < 0),
+            "low_stock_amount": int(low) if low not in (None, "") else None,
+            "sold_individually": bool(m.get("_sold_individually")),
+            "weight": m.get("_weight", ""),
+            "dimensions": {"length": m.get("_length", ""), "width": m.get("_width", ""), "height": m.get("_height", "")},
+            "shipping_required": not virtual, "shipping_taxable": not virtual and tax_status in ("taxable", "shipping"),
+            "shipping_class": "", "shipping_class_id": 0,
+            "reviews_allowed": m.get("_reviews_allowed", True) is not False,
+            "average_rating": f"{float(m.get('_wc_average_rating') or 0):.2f}",
+            "rating_count": int(m.get("_wc_rating_count") or 0),
+            "upsell_ids": upsells, "cross_sell_ids": _ids(m.get("_crosssell_ids")),
+            "parent_id": p["post_parent"], "purchase_note": m.get("_purchase_note", ""),
+            "categories": cats[pid], "tags": [], "images": product_images,
+            "attributes": [{"id": 0, "name": a["name"], "slug": a["name"].lower(), "position": n, "visible": True,
+                            "variation": a["variation"], "options": a["options"]}
+                           for n, a in enumerate(m.get("_product_attributes") or [])],
+            "default_attributes": [], "variations": variations[pid], "grouped_products": _ids(m.get("_children")),
+            "menu_order": p["menu_order"], "price_html": _price_html(price, regular, sale),
+            "related_ids": [] if is_variation else _related(store, pid, upsells),
             "meta_data": visible_meta(metas[pid], PRODUCT_INTERNAL_META),
+            "stock_status": stock_status, "has_options": ptype == "variable",
+            "post_password": "",
         }
+        if m.get("_product_type") == "subscription":
+            doc["meta_data"].append({"id": 0, "key": "_subscription_period", "value": m.get("_subscription_period")})
         if is_variation:
             attrs = m.get("_variation_attributes") or {}
             doc["attributes"] = [{"id": 0, "name": k.replace("attribute_pa_", "").title(), "option": v}
                                  for k, v in attrs.items()]
+            doc["image"] = product_images[0] if product_images else None
+            doc = {k: doc[k] for k in VARIATION_FIELDS}
             doc["_links"] = links(base, f"products/{p['post_parent']}/variations", pid,
                                   up=f"{base}/products/{p['post_parent']}")
         else:
-            doc["categories"] = cats[pid]
-            doc["tags"] = []
-            doc["images"] = []
-            doc["attributes"] = [{"id": 0, "name": a["name"], "position": n, "visible": True,
-                                  "variation": a["variation"], "options": a["options"]}
-                                 for n, a in enumerate(m.get("_product_attributes") or [])]
-            doc["variations"] = variations[pid]
             doc["_links"] = links(base, "products", pid)
-        if m.get("_product_type") == "subscription":
-            doc["meta_data"].append({"id": 0, "key": "_subscription_period", "value": m.get("_subscription_period")})
         out.append(doc)
     return out
 
@@ -172,6 +266,11 @@ def categories(store: Store, ids: list[int], base: str) -> list[dict]:
     counts = dict(store.db.execute(
         f"SELECT t.term_id, COUNT(*) FROM term_relationships t JOIN posts p ON p.id=t.object_id "
         f"AND p.post_status='publish' WHERE t.term_id IN ({marks}) GROUP BY t.term_id", ids).fetchall())
+    thumbs = {r[0] - 1000: int(r[1]) for r in store.db.execute(
+        f"SELECT lookup_id, meta_value FROM lookup_meta WHERE meta_key='thumbnail_id' AND lookup_id IN ({marks})",
+        lookup_ids) if r[1]}
+    images = {k: {f: v for f, v in img.items()} for k, img in
+              attachments(store, sorted(set(thumbs.values())), base.split("/wp-json")[0]).items()}
     out = []
     for cid in ids:
         r = rows.get(cid)
@@ -179,9 +278,12 @@ def categories(store: Store, ids: list[int], base: str) -> list[dict]:
             continue
         parent = (r["parent_id"] - 1000) if r["parent_id"] else 0
         extra = {"up": f"{base}/products/categories/{parent}"} if parent else {}
+        # The term's thumbnail_id (lookup_meta) is an attachment: the image object of the categories
+        # controller; without one the image is empty.
+        image = images.get(thumbs.get(cid, 0)) or ([] if cid % 2 else None)
         out.append({
             "id": cid, "name": r["name"], "slug": r["code"], "parent": parent, "description": r["v_text1"] or "",
-            "display": "default", "image": [] if cid % 2 else None, "menu_order": r["sort"],
+            "display": "default", "image": image, "menu_order": r["sort"],
             "count": counts.get(cid, 0), "_links": links(base, "products/categories", cid, **extra),
         })
     return out
@@ -220,7 +322,48 @@ def _skus(store: Store, product_ids: set[int]) -> dict[int, str | None]:
     return out
 
 
-def line_items(store: Store, items: list, skus: dict[int, str | None], refund: bool = False) -> dict[str, list]:
+def _variation_parents(store: Store, product_ids: set[int]) -> dict[int, str]:
+    """Variation id -> its parent's title: ``parent_name`` (a variation's ``get_title()``)."""
+    if not product_ids:
+        return {}
+    ids = list(product_ids)
+    return {r[0]: r[1] for r in store.db.execute(
+        f"SELECT v.id, p.post_title FROM posts v JOIN posts p ON p.id=v.post_parent "
+        f"WHERE v.post_type='product_variation' AND v.id IN ({','.join('?' * len(ids))})", ids)}
+
+
+def _thumbnails(store: Store, product_ids: set[int]) -> dict[int, int]:
+    """Product id -> its featured image's attachment id (``_thumbnail_id``), when it has one."""
+    if not product_ids:
+        return {}
+    ids = list(product_ids)
+    return {r[0]: int(r[1]) for r in store.db.execute(
+        f"SELECT post_id, meta_value FROM postmeta WHERE meta_key='_thumbnail_id' "
+        f"AND post_id IN ({','.join('?' * len(ids))})", ids) if r[1] and int(r[1])}
+
+
+def attachments(store: Store, ids: list[int], site: str) -> dict[int, dict]:
+    """Attachment posts as the REST image objects (``get_images`` in the products controller)."""
+    if not ids:
+        return {}
+    marks = ",".join("?" * len(ids))
+    rows = {r["id"]: r for r in store.db.execute(
+        f"SELECT * FROM posts WHERE post_type='attachment' AND id IN ({marks})", ids)}
+    metas = store.meta_for("postmeta", "post_id", list(rows))
+    out = {}
+    for aid, r in rows.items():
+        m = {k: v for _, k, v in metas[aid]}
+        created, modified = pair(store, r["post_date_gmt"]), pair(store, r["post_modified_gmt"])
+        src = f"{site}/wp-content/uploads/{m.get('_wp_attached_file', '')}"
+        out[aid] = {"id": aid, "date_created": created[0], "date_created_gmt": created[1],
+                    "date_modified": modified[0], "date_modified_gmt": modified[1], "src": src,
+                    "name": r["post_title"], "alt": m.get("_wp_attachment_image_alt", "")}
+    return out
+
+
+def line_items(store: Store, items: list, skus: dict[int, str | None], refund: bool = False,
+               parents: dict[int, str] | None = None, images: dict[int, tuple[int, str]] | None = None,
+               guids: dict[int, str] | None = None) -> dict[str, list]:
     groups: dict[str, list] = {"line_items": [], "tax_lines": [], "shipping_lines": [], "fee_lines": [],
                                "coupon_lines": []}
     for item_id, kind, name, meta_rows in items:
@@ -230,13 +373,19 @@ def line_items(store: Store, items: list, skus: dict[int, str | None], refund: b
             qty = int(m.get("_qty") or 0)
             total = float(m.get("_line_total") or 0)
             pid, vid = int(m.get("_product_id") or 0), int(m.get("_variation_id") or 0)
+            # get_order_item_data (class-wc-rest-orders-v2-controller.php): sku/global_unique_id null when
+            # the product is gone, image {id: 0, src: ""} without one, parent_name only for variations.
+            exists = (vid or pid) in skus
+            image_id, image_src = (images or {}).get(vid or pid, (0, ""))
             entry = {
                 "id": item_id, "name": name, "product_id": pid, "variation_id": vid, "quantity": qty,
                 "tax_class": m.get("_tax_class", ""), "subtotal": m.get("_line_subtotal", "0.00"),
                 "subtotal_tax": m.get("_line_subtotal_tax", "0.00"), "total": m.get("_line_total", "0.00"),
                 "total_tax": m.get("_line_tax", "0.00"), "taxes": _taxes(m.get("_line_tax_data")),
                 "meta_data": meta_data, "sku": skus.get(vid or pid),
-                "price": (total / qty) if qty else 0, "image": {"id": "", "src": ""}, "parent_name": None,
+                "global_unique_id": (guids or {}).get(vid or pid, "") if exists else None,
+                "price": (total / qty) if qty else 0, "image": {"id": image_id, "src": image_src},
+                "parent_name": (parents or {}).get(vid) if vid else None,
             }
             if refund:
                 entry["refund_total"] = float(m.get("_line_total") or 0)
@@ -277,8 +426,26 @@ def orders(store: Store, ids: list[int], base: str, post_type: str = "shop_order
     live = [i for i in ids if i in rows]
     metas = store.meta_for("postmeta", "post_id", live)
     items = _items(store, live)
-    skus = _skus(store, {int(v) for i in live for _, kind, _, mr in items[i] if kind == "line_item"
-                         for _, k, v in mr if k in ("_product_id", "_variation_id") and v})
+    line_products: dict[int, list[int]] = {}
+    for i in live:
+        line_products[i] = []
+        for _, kind, _, mr in items[i]:
+            if kind == "line_item":
+                m = {k: v for _, k, v in mr}
+                line_products[i].append(int(m.get("_variation_id") or 0) or int(m.get("_product_id") or 0))
+    product_ids = {int(v) for i in live for _, kind, _, mr in items[i] if kind == "line_item"
+                   for _, k, v in mr if k in ("_product_id", "_variation_id") and v}
+    skus = _skus(store, product_ids)
+    flags = product_flags(store, {p for ps in line_products.values() for p in ps})
+    parents = _variation_parents(store, product_ids)
+    site = base.split("/wp-json")[0]
+    thumbs = _thumbnails(store, product_ids)
+    images = {pid: (aid, a["src"]) for pid, aid in thumbs.items()
+              if (a := attachments(store, [aid], site).get(aid))}
+    guids = {r[0]: (r[1] or '""').strip('"') for r in store.db.execute(
+        f"SELECT post_id, meta_value FROM postmeta WHERE meta_key='_global_unique_id' "
+        f"AND post_id IN ({','.join('?' * len(product_ids))})", list(product_ids))} if product_ids else {}
+    domain = Domain(store)
     refunds: dict[int, list] = {i: [] for i in live}
     if post_type == "shop_order" and live:
         for r in store.db.execute(
@@ -321,20 +488,30 @@ def orders(store: Store, ids: list[int], base: str, post_type: str = "shop_order
             "date_completed": completed[0], "date_completed_gmt": completed[1],
             "cart_hash": m.get("_cart_hash", ""),
             "meta_data": visible_meta(metas[oid], ORDER_INTERNAL_META),
-            **line_items(store, items[oid], skus),
+            **line_items(store, items[oid], skus, parents=parents, images=images, guids=guids),
             "_links": links(base, collection, oid, **extra),
         }
+        # get_checkout_payment_url() carries the order key; needs_payment() wants a total above zero;
+        # needs_processing() is false when every line's product is virtual and downloadable.
+        doc["payment_url"] = f"{site}/checkout/order-pay/{oid}/?pay_for_order=true&key={doc['order_key']}"
         if post_type == "shop_order":
             doc["refunds"] = refunds[oid]
-            doc["payment_url"] = f"{base.split('/wp-json')[0]}/checkout/order-pay/{oid}/?pay_for_order=true"
             doc["is_editable"] = p["post_status"] in ("pending", "on-hold", "auto-draft")
-            doc["needs_payment"] = p["post_status"] in ("pending", "failed")
-            doc["needs_processing"] = True
+            doc["needs_payment"] = p["post_status"] in ("pending", "failed") and float(doc["total"] or 0) > 0
+            doc["needs_processing"] = needs_processing(line_products[oid], flags)
         else:
+            # WCS 9 (includes/api/class-wc-rest-subscriptions-controller.php): no transaction_id, cart_hash,
+            # refunds or set_paid; every sandbox gateway supports amount changes, so is_editable.
             for key in ("transaction_id", "cart_hash"):
                 doc.pop(key, None)
+            doc["is_editable"] = True
+            doc["needs_payment"] = domain.subscription_needs_payment(oid)
+            doc["needs_processing"] = needs_processing(line_products[oid], flags)
             doc["billing_period"] = m.get("_billing_period", "month")
             doc["billing_interval"] = str(m.get("_billing_interval", "1"))
+            doc["trial_period"] = m.get("_trial_period") or ""
+            doc["suspension_count"] = int(m.get("_suspension_count") or 0)
+            doc["requires_manual_renewal"] = m.get("_requires_manual_renewal") in (True, "true", "yes")
             for key in ("start", "trial_end", "next_payment", "last_payment", "cancelled", "end"):
                 out_key = {"start": "start_date_gmt", "trial_end": "trial_end_date_gmt",
                            "next_payment": "next_payment_date_gmt", "last_payment": "last_payment_date_gmt",

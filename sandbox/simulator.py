@@ -2,6 +2,12 @@
 
 Every change goes through ``Domain`` (the same code the REST writes use), so notes, paid and
 completed dates, ``date_modified`` bumps and webhooks follow as they would on a real store.
+
+Profiles: ``default`` (``MIX``) and ``chaos`` (``CHAOS_MIX``: the default mix plus trashes, restores
+and permanent deletes of orders and products). Bulk edits (``bulk_every`` seconds) touch hundreds
+of orders or products in one burst, committed together and stamped with one ``date_modified``
+second, as an admin's bulk action or a CSV import does. ``mount_control`` adds loopback endpoints
+to start/stop the simulator, change the faults, and read what was done (``/sandbox/stats``).
 """
 
 from __future__ import annotations
@@ -10,6 +16,9 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
+
+from fastapi import Request
 
 from .domain import Domain, StoreError
 
@@ -20,48 +29,124 @@ MIX = [
     ("price_edit", 7), ("renewal", 6), ("subscription_change", 5), ("refund", 3), ("trash_order", 2),
     ("same_second_burst", 4),
 ]
+# What the chaos bench runs: the live mix plus the writes that remove records from the lists.
+CHAOS_MIX = MIX + [
+    ("trash_order", 2), ("restore_order", 2), ("delete_order", 1), ("trash_product", 1), ("restore_product", 1),
+    ("delete_product", 0.3),
+]
+PROFILES = {"default": MIX, "chaos": CHAOS_MIX}
+BULK_KINDS = ("bulk_order_status", "bulk_order_meta", "bulk_product_price")
 NEXT_STATUS = {"pending": ["processing", "cancelled", "failed"], "on-hold": ["processing", "cancelled"],
                "processing": ["completed", "completed", "on-hold"], "failed": ["pending"]}
 
 
 class ChangeSimulator:
-    def __init__(self, domain: Domain, rate: float, seed: int = 1):
+    def __init__(self, domain: Domain, rate: float, seed: int = 1, profile: str = "default",
+                 bulk_every: float = 0, bulk_size: tuple[int, int] = (200, 600)):
         self.domain, self.rate = domain, rate
         self.rng = random.Random(seed * 7919)
+        self.mix = PROFILES[profile]
+        self.bulk_every, self.bulk_size = bulk_every, bulk_size
         self.stop_event = threading.Event()
         self.done = 0
+        self.counts: Counter[str] = Counter()  # actions that changed the store
+        self.refused: Counter[str] = Counter()  # actions the store refused (or that found nothing to do)
+        self.records: Counter[str] = Counter()  # records written by bulk edits, by kind
+        self.events: Counter[str] = Counter()  # what the store emitted ("order.updated"), whoever wrote
+        self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="simulator", daemon=True)
+        domain.changes.listeners.append(self._on_change)
+
+    def _on_change(self, resource: str, event: str, record_id: int) -> None:
+        with self.lock:
+            self.events[f"{resource}.{event}"] += 1
 
     def start(self) -> None:
-        if self.rate > 0:
+        if self.rate > 0 and not self.thread.is_alive():
+            if self.stop_event.is_set():  # stopped before: a thread and an event of its own
+                self.stop_event = threading.Event()
+                self.thread = threading.Thread(target=self._run, name="simulator", daemon=True)
             self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 0) -> None:
         self.stop_event.set()
+        if wait and self.thread.is_alive():
+            self.thread.join(wait)
+
+    def configure(self, rate: float | None = None, profile: str | None = None, bulk_every: float | None = None,
+                  bulk_size: tuple[int, int] | None = None) -> None:
+        """Change the rate (0 stops and waits for the change in hand), the mix and the bulk edits."""
+        if profile is not None:
+            self.mix = PROFILES[profile]
+        if bulk_every is not None:
+            self.bulk_every = bulk_every
+        if bulk_size is not None:
+            self.bulk_size = (int(bulk_size[0]), int(bulk_size[1]))
+        if rate is not None:
+            self.rate = rate
+            if rate <= 0:
+                self.stop(wait=60)
+            else:
+                self.start()
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"running": self.thread.is_alive() and not self.stop_event.is_set(), "rate": self.rate,
+                    "steps": self.done, "changes": dict(self.counts), "refused": dict(self.refused),
+                    "bulk_records": dict(self.records), "store_events": dict(self.events)}
 
     def _run(self) -> None:
-        interval = 1.0 / self.rate
         next_at = time.monotonic()
+        next_bulk = next_at + (self.bulk_every or 0)
         while not self.stop_event.is_set():
-            next_at += interval
-            try:
-                self.step()
-            except StoreError as exc:
-                log.debug("simulated change refused: %s", exc.message)
-            except Exception:
-                log.exception("simulated change failed")
+            next_at += 1.0 / max(self.rate, 1e-3)
+            if self.bulk_every and time.monotonic() >= next_bulk:
+                next_bulk = time.monotonic() + self.bulk_every
+                self._attempt(self.bulk_edit)
+                next_at = max(next_at, time.monotonic())  # the burst took its time: no catch-up rush
+            self._attempt(self.step)
             self.done += 1
             delay = next_at - time.monotonic()
             if delay > 0:
                 self.stop_event.wait(delay)
+
+    def _attempt(self, fn) -> None:
+        action = None
+        try:
+            action = fn()
+        except StoreError as exc:
+            log.debug("simulated change refused: %s", exc.message)
+            action = getattr(exc, "action", None)
+            with self.lock:
+                self.refused[action or "store_error"] += 1
+            return
+        except Exception:
+            log.exception("simulated change failed")
+            with self.lock:
+                self.refused["error"] += 1
+            return
+        with self.lock:
+            if action and not action.startswith("-"):
+                self.counts[action] += 1
+            elif action:
+                self.refused[action[1:]] += 1
 
     def _pick(self, sql: str, args=()) -> int | None:
         row = self.domain.db.execute(sql + " ORDER BY RANDOM() LIMIT 1", args).fetchone()
         return row[0] if row else None
 
     def step(self, action: str | None = None) -> str:
+        """One change of the mix; returns its name ("-name" when there was nothing to change)."""
+        action = action or self.rng.choices([a for a, _ in self.mix], [w for _, w in self.mix])[0]
+        try:
+            done = self._step(action)
+        except StoreError as exc:
+            exc.action = action
+            raise
+        return action if done is not False else "-" + action
+
+    def _step(self, action: str) -> bool | None:
         rng, d = self.rng, self.domain
-        action = action or rng.choices([a for a, _ in MIX], [w for _, w in MIX])[0]
         if action == "new_order":
             self._new_order()
         elif action == "order_transition":
@@ -105,7 +190,84 @@ class ChangeSimulator:
             # several orders modified within one second: what strict, whole-second filters lose
             for _ in range(3):
                 self._new_order()
-        return action
+        elif action in ("restore_order", "restore_product"):
+            post_type, resource = ("shop_order", "order") if action == "restore_order" else ("product", "product")
+            pid = self._pick("SELECT id FROM posts WHERE post_type=? AND post_status='trash'", (post_type,))
+            if not pid:
+                return False
+            with d.store.write_lock:
+                d.untrash(pid, resource)
+        elif action == "trash_product":
+            pid = self._pick("SELECT id FROM posts WHERE post_type='product' AND post_status='publish'")
+            if not pid:
+                return False
+            with d.store.write_lock:
+                d.trash(pid, "product")
+        elif action in ("delete_order", "delete_product"):
+            # permanent delete (an admin empties the trash, or deletes with force=true): no webhook, no tombstone
+            post_type = "shop_order" if action == "delete_order" else "product"
+            extra = "AND id NOT IN (SELECT post_parent FROM posts WHERE post_type IN " \
+                    "('shop_order_refund','product_variation'))"
+            pid = self._pick(f"SELECT id FROM posts WHERE post_type=? AND post_status='trash' {extra}", (post_type,))
+            if not pid:
+                return False
+            with d.store.write_lock:
+                d.delete_post(pid)
+        return None
+
+    def bulk_edit(self, kind: str | None = None, size: int | None = None) -> str:
+        """Hundreds of records written in one burst and one transaction, all stamped with one second.
+
+        What an admin's bulk action ("mark completed", a price change) or a CSV import does: a page of
+        ``orderby=modified`` holds nothing but that second, and only the id can tell its records apart.
+        """
+        d, rng = self.domain, self.rng
+        kind = kind or rng.choice(BULK_KINDS)
+        size = size or rng.randint(*self.bulk_size)
+        if kind == "bulk_order_status":
+            sql = ("SELECT id, post_status FROM posts WHERE post_type='shop_order' AND post_status IN "
+                   "('processing','on-hold','pending') ORDER BY RANDOM() LIMIT ?")
+        elif kind == "bulk_order_meta":
+            sql = "SELECT id, post_status FROM posts WHERE post_type='shop_order' AND post_status!='trash' " \
+                  "ORDER BY RANDOM() LIMIT ?"
+        else:
+            sql = "SELECT id, post_status FROM posts WHERE post_type='product' AND post_status!='trash' " \
+                  "ORDER BY RANDOM() LIMIT ?"
+        target = {"pending": "processing", "on-hold": "processing", "processing": "completed"}
+        tag = f"import-{rng.getrandbits(24):06x}"
+        with d.store.write_lock:
+            db = d.db
+            rows = db.execute(sql, (size,)).fetchall()
+            if not rows:
+                return "-" + kind
+            ids = [r[0] for r in rows]
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for pid, status in rows:
+                    if kind == "bulk_order_status":
+                        d.update_order(pid, {"status": target[status]})
+                    elif kind == "bulk_order_meta":
+                        d.update_order(pid, {"meta_data": [{"key": "_crm_segment", "value": tag}]})
+                    else:
+                        price = d.store.post_meta(pid).get("_regular_price") or "10"
+                        try:
+                            new = float(price) * rng.choice([0.9, 1.1])
+                        except ValueError:
+                            new = 10.0
+                        d.update_product(pid, {"regular_price": f"{max(new, 1):.2f}"})
+                local, gmt = d.store.stamp()  # one second for the whole burst
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start:start + 500]
+                    db.execute(f"UPDATE posts SET post_modified=?, post_modified_gmt=? WHERE id IN "
+                               f"({','.join('?' * len(chunk))})", (local, gmt, *chunk))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        with self.lock:
+            self.records[kind] += len(ids)
+        log.info("bulk edit %s: %d records at %s", kind, len(ids), gmt)
+        return kind
 
     def _new_order(self) -> int:
         d, rng = self.domain, self.rng
@@ -120,3 +282,32 @@ class ChangeSimulator:
             "billing": {"first_name": "Sim", "last_name": "Buyer", "email": email, "country": "ES", "state": "B"},
             "line_items": [{"product_id": p, "quantity": rng.choice([1, 2])} for p in products if p],
         })
+
+
+def mount_control(app, simulator: ChangeSimulator, faults) -> None:
+    """Loopback endpoints for benchmarks (outside ``/wp-json``, so no auth and no faults):
+
+    * ``GET /sandbox/stats``: what the simulator did and which faults were injected, by kind;
+    * ``POST /sandbox/control`` ``{"rate": 3, "profile": "chaos", "bulk_every": 60, "bulk_size": [200, 600],
+      "faults": "429=0.02,shift=0.05"}``: any subset; ``"rate": 0`` stops the simulator (after the change
+      in hand), ``"faults": ""`` turns every fault off.
+    """
+    @app.get("/sandbox/stats")
+    def sandbox_stats():
+        with faults.lock:
+            injected = {k: v for k, v in faults.counts.items() if v}
+            rates = dict(faults.rates)
+        return {"simulator": simulator.stats(), "faults": injected, "fault_rates": rates,
+                "clock_offset_seconds": simulator.domain.store.clock_offset.total_seconds()}
+
+    @app.post("/sandbox/control")
+    async def sandbox_control(request: Request):
+        import asyncio
+
+        body = await request.json()
+        if "faults" in body:
+            faults.configure(body["faults"])
+        keys = ("rate", "profile", "bulk_every", "bulk_size")
+        if any(k in body for k in keys):
+            await asyncio.to_thread(simulator.configure, **{k: body[k] for k in keys if k in body})
+        return sandbox_stats()

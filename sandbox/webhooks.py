@@ -4,7 +4,9 @@
 * raw body = PHP ``wp_json_encode`` (``\\/`` and ``\\uXXXX`` escapes), signed base64(HMAC-SHA256);
 * deliveries queued and sent asynchronously; an identical pending (webhook, resource id) delivery is
   not queued twice (coalescing);
-* no retry; a webhook is disabled when its failure count passes 5.
+* no retry; ``failed_delivery`` (includes/class-wc-webhook.php) counts a failure only while the
+  count is at most 5 and disables the webhook when it is already above 5: the 7th consecutive
+  failure disables it, leaving ``failure_count`` at 6.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ log = logging.getLogger("sandbox.webhooks")
 
 def php_json(payload) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=True).replace("/", "\\/").encode()
+
+
+def default_secret() -> str:
+    """``wp_generate_password( 50, true, true )``: what the webhooks REST controller stores when no
+    secret is given (class-wc-rest-webhooks-v1-controller.php create_item)."""
+    chars = ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" "!@#$%^&*()"
+             "-_ []{}<>~`+=,.;:/?|")
+    return "".join(secrets.choice(chars) for _ in range(50))
 
 
 def sign(body: bytes, secret: str) -> str:
@@ -118,6 +128,7 @@ class WebhookDeliverer:
                 self.delivered += 1
             else:
                 self.store.db.execute(
-                    "UPDATE webhooks SET failure_count=failure_count+1, "
-                    "status=CASE WHEN failure_count+1 > 5 THEN 'disabled' ELSE status END WHERE id=?", (webhook_id,))
+                    "UPDATE webhooks SET failure_count=CASE WHEN failure_count > 5 THEN failure_count "
+                    "ELSE failure_count+1 END, status=CASE WHEN failure_count > 5 THEN 'disabled' ELSE status END "
+                    "WHERE id=?", (webhook_id,))
         return status

@@ -51,10 +51,12 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def crm_admin_dsn():
-    """An admin DSN: CRM_DATABASE_URL when given, else the project's embedded PostgreSQL."""
-    from store_sync.crm_database import EmbeddedPostgres, configured_dsn, wait_for
+    """An admin DSN: CRM_DATABASE_URL when given, else the project's embedded PostgreSQL.
 
-    if dsn := configured_dsn():
+    Never a deployment's crm_db connection: the tests create and drop databases on this server."""
+    from store_sync.crm.database import EmbeddedPostgres, url_from_env, wait_for
+
+    if dsn := url_from_env():
         wait_for(dsn)
         yield dsn
         return
@@ -105,9 +107,9 @@ def writable_sandbox(sandbox_factory):
 
 
 def pytest_report_header(config):
-    from store_sync.crm_database import configured_dsn, describe
+    from store_sync.crm.database import describe, url_from_env
 
-    dsn = configured_dsn()
+    dsn = url_from_env()
     return f"CRM database: {describe(dsn) if dsn else 'embedded PostgreSQL (.data/crm-pg)'}; " \
            f"Python {os.sys.version.split()[0]}"
 

@@ -50,12 +50,12 @@ class SandboxProcess:
                 time.sleep(0.2)
 
     def client(self, **kwargs):
-        from store_sync.client import StoreClient
+        from store_sync.store.client import StoreClient
 
         kwargs.setdefault("requests_per_second", 200)
         kwargs.setdefault("max_in_flight", 4)
         kwargs.setdefault("backoff_base", 0.05)
-        from store_sync.client import RequestBudget
+        from store_sync.store.client import RequestBudget
 
         budget = RequestBudget(kwargs.pop("requests_per_second"), kwargs.pop("max_in_flight"))
         if self.scheme == "https":

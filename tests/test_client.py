@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from store_sync.client import RequestBudget, StoreClient, StoreUnavailable
+from store_sync.store.client import RequestBudget, StoreClient, StoreUnavailable
 from tests.helpers import free_port
 
 
@@ -92,7 +92,7 @@ def test_budget_caps_rate_and_in_flight():
 
 
 def test_one_budget_per_store_is_shared():
-    from store_sync.client import shared_budget
+    from store_sync.store.client import shared_budget
 
     assert shared_budget("https://shop.test", 5, 3) is shared_budget("https://shop.test", 50, 30)
 
@@ -104,3 +104,86 @@ def test_rising_latency_slows_the_client_down(sandbox_factory):
         client.get("orders", {"per_page": 1})
     assert client.budget.latency_slowdowns > 0
     assert client.budget.rate < client.budget.max_rate
+
+
+# -- configuration through the store connection ---------------------------------------------------------
+def _store_conn(monkeypatch, value) -> None:
+    import json
+
+    monkeypatch.setenv("AIRFLOW_CONN_STORE_API", value if isinstance(value, str) else json.dumps(value))
+
+
+def test_extras_given_as_strings_mean_what_they_say(monkeypatch, sandbox):
+    from store_sync.store.hooks import StoreApiHook
+
+    _store_conn(monkeypatch, {"conn_type": "http", "host": sandbox.url, "login": "ck_sandbox", "password": "cs_sandbox",
+                              "extra": {"query_string_auth": "false", "verify": "no", "max_in_flight": "2",
+                                        "requests_per_second": "7.5", "timeout": "12", "max_retries": "0"}})
+    client = StoreApiHook().get_client()
+    # bool("false") is True: the keys would have gone into every URL
+    assert client.query_string_auth is False and client.verify is False
+    assert (client.budget.max_in_flight, client.budget.max_rate, client.timeout, client.max_retries) == (2, 7.5, 12, 0)
+    _store_conn(monkeypatch, {"conn_type": "http", "host": sandbox.url, "login": "ck_sandbox", "password": "cs_sandbox",
+                              "extra": {"query_string_auth": "1"}})
+    assert StoreApiHook().get_client().query_string_auth is True
+
+
+@pytest.mark.parametrize("extra,name", [({"max_in_flight": "lots"}, "max_in_flight"), ({"timeout": "30s"}, "timeout"),
+                                        ({"query_string_auth": "perhaps"}, "query_string_auth"),
+                                        ({"max_in_flight": "2.5"}, "max_in_flight"),
+                                        ({"verify": "/nowhere/ca.pem"}, "verify")])
+def test_garbage_in_an_extra_is_named_in_the_error(monkeypatch, extra, name):
+    from store_sync.store.hooks import StoreApiHook
+
+    _store_conn(monkeypatch, {"conn_type": "http", "host": "https://shop.example.com", "login": "ck_x", "password": "cs_y",
+                              "extra": extra})
+    with pytest.raises(ValueError, match=f"store connection 'store_api': extra '{name}'"):
+        StoreApiHook().get_client()
+    ok, message = StoreApiHook().test_connection()
+    assert not ok and name in message
+
+
+def test_airflow_uri_form_means_plain_http_when_it_says_http(monkeypatch, sandbox):
+    from store_sync.store.hooks import StoreApiHook, store_url
+
+    _store_conn(monkeypatch, f"http://ck_sandbox:cs_sandbox@127.0.0.1:{sandbox.port}")
+    hook = StoreApiHook()
+    assert hook.base_url() == f"http://127.0.0.1:{sandbox.port}"
+    assert hook.get_client().check()  # plain HTTP with OAuth 1.0a, as the URI says
+    _store_conn(monkeypatch, "https://ck_x:cs_y@shop.example.com/shop")
+    assert StoreApiHook().base_url() == "https://shop.example.com/shop"  # a sub-folder lands in `schema`
+    assert store_url("shop.example.com", None, "", None) == "https://shop.example.com"  # nothing said: HTTPS
+    assert store_url("shop.example.com", 8443, "https", "http") == "https://shop.example.com:8443"
+
+
+def test_tls_errors_carry_no_key_secret_or_signature_anywhere(monkeypatch, sandbox_factory, crm_dsn):
+    """Query-string auth on HTTPS puts the secret in the URL; requests repeats the URL in its errors."""
+    import json
+
+    import psycopg
+
+    from store_sync.store.hooks import StoreApiHook
+    from store_sync.tasks import land_entity
+
+    tls = sandbox_factory(size="tiny", seed=1, tls=True)  # a self-signed certificate the client refuses
+    monkeypatch.setenv("CRM_DATABASE_URL", crm_dsn)
+    _store_conn(monkeypatch, json.dumps({"conn_type": "http", "host": tls.url, "login": "ck_sandbox",
+                                         "password": "cs_sandbox", "extra": {"query_string_auth": True}}))
+    ok, message = StoreApiHook().test_connection()
+    assert not ok and "TLS" in message
+    with pytest.raises(StoreUnavailable) as err:
+        land_entity("orders", "test-tls")
+    with psycopg.connect(crm_dsn) as conn:
+        stored = conn.execute("SELECT error FROM sync.landing_run WHERE run_id='test-tls'").fetchone()[0]
+    for text in (message, str(err.value), stored):
+        assert "cs_sandbox" not in text and "consumer_secret" not in text and "ck_sandbox" not in text, text
+
+
+def test_wrong_key_fails_at_once_in_words(monkeypatch, sandbox):
+    from store_sync.store.hooks import StoreApiHook
+
+    _store_conn(monkeypatch, {"conn_type": "http", "host": sandbox.url, "login": "ck_sandbox", "password": "cs_wrong"})
+    started = time.monotonic()
+    ok, message = StoreApiHook().test_connection()
+    assert not ok and "consumer key and secret" in message and "cs_wrong" not in message
+    assert time.monotonic() - started < 5, "a refused key is not retried"

@@ -10,7 +10,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from store_sync.transform import run_checks, transform
+from store_sync.crm.transform import run_checks, transform
 
 PROMOTED_ORDER_META = {"_download_permissions_granted", "_wc_order_attribution_source_type", "_tracking",
                        "_subscription_renewal", "_subscription_switch"}
@@ -215,7 +215,7 @@ def test_missing_references_are_queued_not_fatal(landed):
 
 
 def test_a_failed_check_names_the_rows(landed):
-    from store_sync.transform import CheckFailed
+    from store_sync.crm.transform import CheckFailed
 
     dsn, _, _ = landed
     reset(dsn)
@@ -228,7 +228,7 @@ def test_a_failed_check_names_the_rows(landed):
 
 
 def test_reconcile_finds_what_differs(landed, monkeypatch, capsys):
-    from store_sync import reconcile
+    from store_sync.crm import reconcile
 
     dsn, truth, sandbox = landed
     reset(dsn)

@@ -10,10 +10,10 @@ import time
 import psycopg
 import pytest
 
+from store_sync.crm.migrations import migrate
 from store_sync.dag_defaults import FETCH_POOL, POOLS
-from store_sync.fetch_queue import fetchable, lands_in
 from store_sync.fetch_trigger import APPLICATION_NAME
-from store_sync.migrations import migrate
+from store_sync.outbound.fetch_queue import fetchable, lands_in
 from store_sync.registry import entities, entity
 
 DAG_ID = "store_fetch_on_demand"
@@ -42,7 +42,7 @@ def form_run(dag, conf: dict):
 
 def land_only(dsn: str, sandbox, name: str, ids: list[int]) -> None:
     """Land some records of one entity, as if live sync had read them and nothing else yet."""
-    from store_sync.detect import sync_entity
+    from store_sync.inbound.detect import sync_entity
 
     migrate(dsn)
     assert sync_entity(dsn, sandbox.client(), entity(name), f"test-land-{name}", mode="backfill", ids=ids)["landed"]

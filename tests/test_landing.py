@@ -7,8 +7,8 @@ import time
 import psycopg
 import pytest
 
-from store_sync.detect import reconcile_deletes, sync_entity
-from store_sync.migrations import migrate
+from store_sync.crm.migrations import migrate
+from store_sync.inbound.detect import reconcile_deletes, sync_entity
 from store_sync.registry import entities, entity
 from tests.helpers import assert_inbox_matches_truth, latest
 
@@ -67,7 +67,7 @@ def test_changes_faults_and_shifting_pages_lose_nothing(crm, sandbox_factory):
 
 
 def test_bad_records_are_quarantined_while_neighbours_land(crm):
-    from store_sync.landing import land_page
+    from store_sync.inbound.landing import land_page
 
     orders = entity("orders")
     good = {"id": 1, "status": "processing", "date_modified_gmt": "2026-01-01T10:00:00", "total": "10.00",

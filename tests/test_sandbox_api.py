@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from store_sync.client import StoreApiError, StoreNotFound
+from store_sync.store.client import StoreApiError, StoreNotFound
 from tests.helpers import WebhookReceiver
 
 GMT = "%Y-%m-%dT%H:%M:%S"

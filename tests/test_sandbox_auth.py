@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from urllib.parse import quote
 
 import pytest
 import requests
 
-from store_sync.client import StoreAuthError, oauth_params
+from store_sync.store.client import StoreAuthError, oauth_params
 
 
 def signed_get(sandbox, endpoint: str, key="ck_sandbox", secret="cs_sandbox", **params):
@@ -87,11 +88,56 @@ def test_query_string_keys_over_https(tls_sandbox):
     assert r.status_code == 200
 
 
-def test_wrong_secret_over_https_asks_for_basic(tls_sandbox):
+def test_wrong_secret_over_https_falls_through_to_oauth_without_www_authenticate(tls_sandbox):
+    """A failed Basic login goes on to OAuth, which sets auth_method to oauth1: the Basic
+    challenge header of send_unauthorized_headers is then never sent."""
     r = requests.get(f"{tls_sandbox.api}/orders", auth=("ck_sandbox", "nope"), verify=str(tls_sandbox.cert), timeout=10)
     assert r.status_code == 401
     assert r.json()["message"] == "Consumer secret is invalid."
-    assert r.headers["WWW-Authenticate"].startswith('Basic realm="WooCommerce API.')
+    assert "WWW-Authenticate" not in r.headers
+
+
+def test_oauth_is_also_accepted_over_https(tls_sandbox):
+    url = f"{tls_sandbox.api}/orders"
+    r = requests.get(url, params=oauth_params("GET", url, {"per_page": 2}, "ck_sandbox", "cs_sandbox"),
+                     verify=str(tls_sandbox.cert), timeout=10)
+    assert r.status_code == 200 and len(r.json()) == 2
+
+
+def test_oauth_header_realm_is_not_signed(sandbox):
+    url = f"{sandbox.api}/orders"
+    signed = oauth_params("GET", url, {}, "ck_sandbox", "cs_sandbox")
+    header = "OAuth realm=\"" + url + "\", " + ", ".join(f'{k}="{quote(v, safe="")}"' for k, v in signed.items())
+    r = requests.get(url, headers={"Authorization": header}, timeout=10)
+    assert r.status_code == 200, r.text
+
+
+def test_oauth_array_params_are_signed_by_index(sandbox):
+    from sandbox.auth import oauth_signature
+
+    url = f"{sandbox.api}/orders"
+    params = oauth_params("GET", url, {}, "ck_sandbox", "cs_sandbox")
+    del params["oauth_signature"]
+    # What PHP's $_GET holds for status[]=processing&status[]=completed: signed as status[0], status[1].
+    params["oauth_signature"] = oauth_signature("GET", url, {**params, "status": ["processing", "completed"]},
+                                                "cs_sandbox")
+    query = list(params.items()) + [("status[]", "processing"), ("status[]", "completed")]
+    r = requests.get(url, params=query, timeout=10)
+    assert r.status_code == 200, r.text
+    assert {o["status"] for o in r.json()} <= {"processing", "completed"}
+    # Signing the array as one comma-joined value (what some clients do) does not match.
+    del params["oauth_signature"]
+    params["oauth_nonce"] += "x"
+    params["oauth_signature"] = oauth_signature("GET", url, {**params, "status[]": "completed"}, "cs_sandbox")
+    bad = requests.get(url, params=list(params.items()) + [("status[]", "completed")], timeout=10)
+    assert (bad.status_code, bad.json()["message"]) == (401, "Invalid signature - provided signature does not match.")
+
+
+def test_write_only_key_cannot_read(sandbox):
+    r = signed_get(sandbox, "orders", key="ck_sandbox_wo", secret="cs_sandbox_wo")
+    assert r.status_code == 401
+    assert r.json() == {"code": "woocommerce_rest_authentication_error",
+                        "message": "The API key provided does not have read permissions.", "data": {"status": 401}}
 
 
 def test_unknown_key_over_https_fails_the_permission_check(tls_sandbox):

@@ -13,12 +13,12 @@ import psycopg
 import pytest
 
 from sandbox.storage import Store
-from store_sync.detect import ListingRefused, id_scan, reconcile_deletes, sync_entity
-from store_sync.landing import RunRecord, land_page
-from store_sync.migrations import migrate
-from store_sync.reconcile import reconcile_entity
+from store_sync.crm.migrations import migrate
+from store_sync.crm.reconcile import reconcile_entity
+from store_sync.crm.transform import transform
+from store_sync.inbound.detect import ListingRefused, id_scan, reconcile_deletes, sync_entity
+from store_sync.inbound.landing import RunRecord, land_page
 from store_sync.registry import entity
-from store_sync.transform import transform
 from tests.helpers import assert_inbox_matches_truth, inbox_duplicates, latest
 
 
@@ -236,3 +236,28 @@ def test_deleted_variations_and_notes_are_deleted_in_the_crm(crm, sandbox_factor
         live_variations = conn.execute("SELECT count(*) FROM crm.product WHERE parent_id=%s AND deleted_at IS NULL",
                                        (variable["id"],)).fetchone()[0]
     assert live_variations == len(variable["variations"]) - 1
+
+
+def test_pages_holding_things_that_are_no_records_stall_nothing(crm, sandbox_factory):
+    """A plugin's response filter can leave `false`, `null` or an object without id in a list page:
+    each is quarantined with its reason while the records beside it land, for every strategy."""
+    sandbox = sandbox_factory(size="tiny", seed=16, extra=["--faults", "junk=0.5"])
+    client = sandbox.client()
+    for name in ("orders", "products", "customers", "product_categories", "subscriptions"):
+        assert sync_entity(crm, client, quick(name), f"junk-{name}")["status"] == "success", name
+    reconcile_deletes(crm, client, quick("orders", children=()), "junk-reconcile")
+    run = RunRecord(crm, "junk-scan", "customers", "live")
+    id_scan(crm, client, entity("customers"), run, full=True)
+    with psycopg.connect(crm) as conn:
+        quarantined = conn.execute("SELECT count(*) FROM sync.quarantine").fetchone()[0]
+        invented = conn.execute("SELECT count(*) FROM inbox.record WHERE payload ? 'deleted'").fetchone()[0]
+    assert quarantined > 0 and invented == 0
+    # Without the fault, a catch-up lands every record.
+    sandbox.stop()
+    still = sandbox_factory(size="tiny", seed=16, fresh=False, db=sandbox.db, port=sandbox.port)
+    time.sleep(1.1)
+    for name in ("orders", "subscriptions"):
+        spec = quick(name, children=())
+        spec = type(spec)(**{**spec.__dict__, "overlap_seconds": 3600 * 24 * 400})
+        sync_entity(crm, still.client(), spec, f"catch-up-{name}")
+        assert_inbox_matches_truth(crm, still, name)

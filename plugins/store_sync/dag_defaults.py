@@ -32,6 +32,8 @@ class Tag:
     RECONCILE = "reconcile"
     LOOKUPS = "lookups"
     CRM = "crm"
+    OUTBOX = "outbox"
+    WEBHOOKS = "webhooks"
     ON_DEMAND = "on-demand"
 
 

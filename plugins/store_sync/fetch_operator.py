@@ -25,12 +25,10 @@ class FetchOnDemandOperator(BaseOperator):
         self.store_conn_id, self.deferrable = store_conn_id, deferrable
 
     def execute(self, context) -> Any:
-        from store_sync.fetch_queue import due_now, fetch_settings, request_fetch
-        from store_sync.migrations import migrate
-        from store_sync.tasks import crm_dsn
+        from store_sync.outbound.fetch_queue import due_now, fetch_settings, request_fetch
+        from store_sync.tasks import ready_crm
 
-        dsn = crm_dsn()
-        migrate(dsn)
+        dsn = ready_crm()
         params = context["params"]
         if ids := list(params.get("ids") or []):
             run_id = context["dag_run"].run_id
@@ -46,7 +44,7 @@ class FetchOnDemandOperator(BaseOperator):
     def execute_complete(self, context, event: dict | None = None) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from store_sync.fetch_queue import due_now
+        from store_sync.outbound.fetch_queue import due_now
         from store_sync.tasks import crm_dsn
 
         if not event or event.get("status") == "error":
@@ -56,17 +54,17 @@ class FetchOnDemandOperator(BaseOperator):
         return self._drain(context, event.get("reason", ""))
 
     def _drain(self, context, reason: str) -> dict:
-        from store_sync.client import RequestBudget
-        from store_sync.fetch_queue import drain, fetch_settings
-        from store_sync.hooks import StoreApiHook
+        from store_sync.outbound.fetch_queue import drain, fetch_settings
+        from store_sync.store.client import RequestBudget
+        from store_sync.store.hooks import StoreApiHook
         from store_sync.tasks import crm_dsn
 
         hook = StoreApiHook(self.store_conn_id)
-        extra = hook.get_connection(self.store_conn_id).extra_dejson
         # A share of the store's budget of its own, smaller than live sync's: the shoppers come first.
-        hook.overrides = {"budget": RequestBudget(float(extra.get("fetch_requests_per_second", 1)),
-                                                  int(extra.get("fetch_max_in_flight", 1))),
-                          "max_retries": int(extra.get("fetch_max_retries", 3))}
+        hook.overrides = {
+            "budget": RequestBudget(hook.extra_number("fetch_requests_per_second", 1, minimum=0.01),
+                                    hook.extra_number("fetch_max_in_flight", 1, kind=int, minimum=1)),
+            "max_retries": hook.extra_number("fetch_max_retries", 3, kind=int, minimum=0)}
         self.log.info("fetch on demand: %s; draining", reason)
         counts = drain(crm_dsn(), hook.get_client(), context["dag_run"].run_id, fetch_settings())
         self.log.info("fetch on demand: %(requested)d requested, %(fetched)d fetched, %(deleted_at_source)d deleted at "

@@ -33,7 +33,7 @@ class FetchQueueTrigger(BaseTrigger):
         import psycopg
         from asgiref.sync import sync_to_async
 
-        from store_sync.fetch_queue import DUE_SQL
+        from store_sync.outbound.fetch_queue import DUE_SQL
         from store_sync.tasks import crm_dsn
 
         dsn = await sync_to_async(crm_dsn)()

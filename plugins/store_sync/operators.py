@@ -40,8 +40,8 @@ class LandStoreChangesOperator(BaseOperator):
     def _trigger(self) -> StoreChangeTrigger:
         import psycopg
 
-        from store_sync.landing import get_watermark
-        from store_sync.migrations import migrate
+        from store_sync.crm.migrations import migrate
+        from store_sync.inbound.landing import get_watermark
         from store_sync.registry import entity as registry_entity
         from store_sync.tasks import crm_dsn
 
@@ -55,11 +55,12 @@ class LandStoreChangesOperator(BaseOperator):
             entity=self.entity, cursor=cursor.strftime("%Y-%m-%dT%H:%M:%S") if cursor else None,
             store_conn_id=self.store_conn_id, poll_seconds=float(extra.get("poll_seconds", spec.poll_seconds)),
             max_quiet_seconds=float(extra.get("max_quiet_seconds", spec.max_quiet_seconds)),
-            state={k: state.get(k) for k in ("max_id", "orders_inbox_id", "webhook_event_id", "last_scan")})
+            state={**{k: state.get(k) for k in ("max_id", "orders_inbox_id", "webhook_event_id", "last_scan")},
+                   "scan_every_minutes": float(extra.get("scan_every_minutes", spec.scan_every_minutes))})
 
     def execute(self, context) -> Any:
-        from store_sync.hooks import StoreApiHook
         from store_sync.registry import entity as registry_entity
+        from store_sync.store.hooks import StoreApiHook
 
         trigger = self._trigger()
         reason = trigger.check(StoreApiHook(self.store_conn_id).get_client(), registry_entity(self.entity), 0)
@@ -79,3 +80,46 @@ class LandStoreChangesOperator(BaseOperator):
         counts = land_entity(self.entity, context["dag_run"].run_id, store_conn_id=self.store_conn_id)
         self.log.info("%s: %s", self.entity, counts)
         return counts
+
+
+class WriteBackOperator(BaseOperator):
+    """Send the outbox's due requests to the store; when none is due, wait deferred (no worker slot)."""
+
+    template_fields = ("request_ids", "dry_run")
+    ui_color = "#fdebd0"
+
+    def __init__(self, *, store_conn_id: str = "store_api", deferrable: bool = True, request_ids=None,
+                 dry_run=False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.store_conn_id, self.deferrable = store_conn_id, deferrable
+        self.request_ids, self.dry_run = request_ids, dry_run
+
+    def execute(self, context) -> Any:
+        from store_sync.crm.migrations import migrate
+        from store_sync.outbound.writeback import pending
+        from store_sync.tasks import crm_dsn
+        from store_sync.triggers import OutboxTrigger
+
+        dsn = crm_dsn()
+        migrate(dsn)
+        if self.request_ids or self.dry_run or not self.deferrable or pending(dsn):
+            return self._send(dsn)
+        self.defer(trigger=OutboxTrigger(), method_name="execute_complete")
+
+    def execute_complete(self, context, event: dict | None = None) -> dict:
+        from store_sync.tasks import crm_dsn
+
+        self.log.info("%s", (event or {}).get("reason", "woken"))
+        return self._send(crm_dsn())
+
+    def _send(self, dsn: str) -> dict:
+        from store_sync.outbound.writeback import send
+        from store_sync.store.hooks import StoreApiHook
+
+        ids = [int(i) for i in (self.request_ids or [])] or None
+        counts = send(dsn, StoreApiHook(self.store_conn_id).get_client(), dry_run=bool(self.dry_run), request_ids=ids)
+        for item in counts.get("would_send", []):
+            self.log.info("dry run: request %(request_id)s %(entity)s %(record_id)s %(action)s %(change)s -> "
+                          "%(decision)s %(reason)s", item)
+        self.log.info("write-back: %s", {k: v for k, v in counts.items() if k != "would_send"})
+        return {k: v for k, v in counts.items() if k != "would_send"}

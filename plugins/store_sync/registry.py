@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,16 @@ class Entity:
     scan_every_minutes: int = 10
     reconcile_every_minutes: int = 60
     max_quiet_seconds: float = 300
+    mapped: tuple = ()  # field patterns the transform maps ("billing.city", "line_items[].id")
+
+    def field_map(self) -> dict[str, str]:
+        """pattern -> 'column' (mapped, with all below it), 'object' or 'array' (on the way to a mapped field)."""
+        out: dict[str, str] = dict.fromkeys(self.mapped, "column")
+        for pattern in self.mapped:
+            for cut in re.finditer(r"\.|\[\]", pattern):
+                if cut.start():
+                    out.setdefault(pattern[:cut.start()], "object" if cut.group() == "." else "array")
+        return out
 
     def problem(self, record: Any) -> str | None:
         """Why ``record`` fails this entity's JSON Schema, or None when it is fine."""
@@ -56,7 +67,8 @@ def _validator(schema_file: str):
         try:
             check(record)
         except fastjsonschema.JsonSchemaValueException as exc:
-            return exc.message.replace("data.", "", 1).replace("data ", "record ", 1)
+            message = exc.message  # "data.total must be …" / "data must contain …": the field, or the record
+            return message[5:] if message.startswith("data.") else message.replace("data ", "record ", 1)
         return None
 
     return problem
@@ -72,8 +84,29 @@ def entities() -> dict[str, Entity]:
         for listed in ("statuses", "children"):
             if listed in merged:
                 merged[listed] = tuple(merged[listed])
+        if "mapped" in merged:
+            merged["mapped"] = tuple(flatten_paths(merged["mapped"]))
         out[name] = Entity(name=name, **merged)
     return out
+
+
+def flatten_paths(items: list, prefix: str = "") -> list[str]:
+    """``[id, {billing: [city]}, {"line_items[]": [id]}]`` -> ``id, billing.city, line_items[].id``."""
+    out = []
+    for item in items:
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                out += flatten_paths(inner, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{item}")
+    return out
+
+
+@functools.cache
+def field_map_rows() -> tuple[list[str], list[str], list[str]]:
+    """Every entity's field map as three columns (entity, pattern, what), for ``pg_temp.field_map``."""
+    rows = [(name, pattern, what) for name, spec in entities().items() for pattern, what in spec.field_map().items()]
+    return tuple(list(col) for col in zip(*rows, strict=True)) if rows else ([], [], [])
 
 
 def entity(name: str) -> Entity:

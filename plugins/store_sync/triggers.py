@@ -38,9 +38,9 @@ class StoreChangeTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from asgiref.sync import sync_to_async
 
-        from store_sync.client import StoreAuthError, StoreNotFound
-        from store_sync.hooks import StoreApiHook
         from store_sync.registry import entity as registry_entity
+        from store_sync.store.client import StoreAuthError, StoreNotFound
+        from store_sync.store.hooks import StoreApiHook
 
         entity = registry_entity(self.entity)
         client = await sync_to_async(StoreApiHook(self.store_conn_id).get_client)()
@@ -99,6 +99,46 @@ class StoreChangeTrigger(BaseTrigger):
             return "orders of registered customers landed"
         last_scan = self.state.get("last_scan")
         if not last_scan or datetime.utcnow() - datetime.fromisoformat(last_scan[:19]) >= timedelta(
-                minutes=entity.scan_every_minutes):
+                minutes=float(self.state.get("scan_every_minutes") or entity.scan_every_minutes)):
             return "periodic customer scan due"
         return None
+
+
+class OutboxTrigger(BaseTrigger):
+    """Waits until the outbox has a request due: ``LISTEN sync_outbox`` (the request functions notify on
+    commit), with a cheap query every ``poll_seconds`` for retries whose backoff ran out."""
+
+    def __init__(self, poll_seconds: float = 15.0, max_wait_seconds: float = 3600.0):
+        super().__init__()
+        self.poll_seconds, self.max_wait_seconds = poll_seconds, max_wait_seconds
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("store_sync.triggers.OutboxTrigger",
+                {"poll_seconds": self.poll_seconds, "max_wait_seconds": self.max_wait_seconds})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        import psycopg
+        from asgiref.sync import sync_to_async
+
+        from store_sync.outbound.writeback import pending
+        from store_sync.tasks import crm_dsn
+
+        dsn = await sync_to_async(crm_dsn)()
+        started = time.monotonic()
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+                    await conn.execute("LISTEN sync_outbox")
+                    while True:
+                        due = await asyncio.to_thread(pending, dsn)
+                        if due:
+                            yield TriggerEvent({"status": "due", "reason": f"{due} outbox request(s) due"})
+                            return
+                        if time.monotonic() - started >= self.max_wait_seconds:
+                            yield TriggerEvent({"status": "due", "reason": "quiet period over: a safety pass"})
+                            return
+                        async for _ in conn.notifies(timeout=self.poll_seconds, stop_after=1):
+                            break
+            except psycopg.OperationalError as exc:  # the CRM database restarts: wait and listen again
+                log.warning("outbox trigger: %s; listening again shortly", exc)
+                await asyncio.sleep(min(self.poll_seconds, 5))

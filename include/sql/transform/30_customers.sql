@@ -2,8 +2,9 @@
 SELECT sync.prepare_batch('customers', 'crm.customer');
 
 INSERT INTO crm.country (iso2, name)
-SELECT DISTINCT a->>'country', a->>'country' FROM b, LATERAL (VALUES (payload->'billing'), (payload->'shipping')) x(a)
-WHERE a->>'country' ~ '^[A-Z]{2}$' ON CONFLICT DO NOTHING;
+SELECT DISTINCT crm.country_code(a->>'country'), crm.country_code(a->>'country')
+FROM b, LATERAL (VALUES (payload->'billing'), (payload->'shipping')) x(a)
+WHERE crm.country_code(a->>'country') IS NOT NULL ON CONFLICT DO NOTHING;
 
 INSERT INTO crm.customer (id, email, first_name, last_name, username, role, is_paying, preferred_language,
                           date_created, source_modified_at, deleted_at, landed_run_id, landed_inbox_id)
@@ -17,13 +18,16 @@ ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, first_name = EXCLUDED.fir
     preferred_language = EXCLUDED.preferred_language, date_created = EXCLUDED.date_created,
     source_modified_at = EXCLUDED.source_modified_at, deleted_at = NULL, landed_run_id = EXCLUDED.landed_run_id,
     landed_inbox_id = EXCLUDED.landed_inbox_id;
+-- Every field the registry's `mapped` list does not name: kept in the extra table, by path.
+SELECT sync.keep_unmapped('customers', 'crm.customer', 'crm.customer_extra', 'customer_id');
 
 DELETE FROM crm.customer_address WHERE customer_id IN (SELECT source_key::bigint FROM b);
 INSERT INTO crm.customer_address (customer_id, kind, first_name, last_name, company, address_1, address_2, city,
-                                  state_code, postcode, country_iso2, email, phone)
+                                  state_code, postcode, country_iso2, country_raw, email, phone)
 SELECT b.source_key::bigint, x.kind, crm.html_text(a->>'first_name'), crm.html_text(a->>'last_name'),
        NULLIF(a->>'company', ''), NULLIF(a->>'address_1', ''), NULLIF(a->>'address_2', ''), crm.html_text(NULLIF(a->>'city', '')),
-       NULLIF(a->>'state', ''), NULLIF(a->>'postcode', ''), NULLIF(a->>'country', ''), NULLIF(a->>'email', ''),
+       NULLIF(a->>'state', ''), NULLIF(a->>'postcode', ''), crm.country_code(a->>'country'),
+       CASE WHEN crm.country_code(a->>'country') IS NULL THEN NULLIF(a->>'country', '') END, NULLIF(a->>'email', ''),
        NULLIF(a->>'phone', '')
 FROM b, LATERAL (VALUES ('billing', payload->'billing'), ('shipping', payload->'shipping')) x(kind, a)
 WHERE COALESCE(a->>'address_1', '') <> '' OR COALESCE(a->>'first_name', '') <> '' OR COALESCE(a->>'country', '') <> '';

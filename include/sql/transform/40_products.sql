@@ -12,7 +12,7 @@ SELECT source_key::bigint, NULLIF((payload->>'parent_id')::bigint, 0), payload->
        payload->>'slug', NULLIF(payload->>'sku', ''), payload->>'status', crm.money(payload->>'price'),
        crm.money(payload->>'regular_price'), crm.money(payload->>'sale_price'),
        COALESCE(NULLIF(payload->>'tax_class', ''), 'standard'), (payload->>'virtual')::boolean,
-       (payload->>'downloadable')::boolean, (payload->>'stock_quantity')::integer, payload->>'stock_status',
+       (payload->>'downloadable')::boolean, (payload->>'stock_quantity')::numeric, payload->>'stock_status',
        (crm.meta(payload->'meta_data', '_course_id') #>> '{}')::bigint, crm.gmt(payload->>'date_created_gmt'),
        source_modified_at, CASE WHEN payload->>'status' = 'trash' THEN source_modified_at END, run_id, inbox_id
 FROM b
@@ -23,6 +23,8 @@ ON CONFLICT (id) DO UPDATE SET parent_id = EXCLUDED.parent_id, type = EXCLUDED.t
     stock_status = EXCLUDED.stock_status, course_id = EXCLUDED.course_id, date_created = EXCLUDED.date_created,
     source_modified_at = EXCLUDED.source_modified_at, deleted_at = EXCLUDED.deleted_at,
     landed_run_id = EXCLUDED.landed_run_id, landed_inbox_id = EXCLUDED.landed_inbox_id;
+-- Every field the registry's `mapped` list does not name: kept in the extra table, by path.
+SELECT sync.keep_unmapped('products', 'crm.product', 'crm.product_extra', 'product_id');
 
 DELETE FROM crm.product_category_link WHERE product_id IN (SELECT source_key::bigint FROM b);
 INSERT INTO crm.product_category_link (product_id, category_id)

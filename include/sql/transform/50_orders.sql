@@ -10,8 +10,9 @@ INSERT INTO crm.payment_method (code, title)
 SELECT DISTINCT ON (payload->>'payment_method') payload->>'payment_method', crm.html_text(payload->>'payment_method_title')
 FROM b WHERE COALESCE(payload->>'payment_method', '') <> '' ON CONFLICT DO NOTHING;
 INSERT INTO crm.country (iso2, name)
-SELECT DISTINCT a->>'country', a->>'country' FROM b, LATERAL (VALUES (payload->'billing'), (payload->'shipping')) x(a)
-WHERE a->>'country' ~ '^[A-Z]{2}$' ON CONFLICT DO NOTHING;
+SELECT DISTINCT crm.country_code(a->>'country'), crm.country_code(a->>'country')
+FROM b, LATERAL (VALUES (payload->'billing'), (payload->'shipping')) x(a)
+WHERE crm.country_code(a->>'country') IS NOT NULL ON CONFLICT DO NOTHING;
 INSERT INTO crm.tax_class (slug, name)
 SELECT DISTINCT li->>'tax_class', li->>'tax_class' FROM b, jsonb_array_elements(payload->'line_items') li
 WHERE COALESCE(li->>'tax_class', '') <> '' ON CONFLICT DO NOTHING;
@@ -52,6 +53,8 @@ ON CONFLICT (id) DO UPDATE SET number = EXCLUDED.number, status = EXCLUDED.statu
     date_completed = EXCLUDED.date_completed, downloads_granted = EXCLUDED.downloads_granted,
     attribution_source = EXCLUDED.attribution_source, source_modified_at = EXCLUDED.source_modified_at,
     deleted_at = EXCLUDED.deleted_at, landed_run_id = EXCLUDED.landed_run_id, landed_inbox_id = EXCLUDED.landed_inbox_id;
+-- Every field the registry's `mapped` list does not name: kept in the extra table, by path.
+SELECT sync.keep_unmapped('orders', 'crm.sales_order', 'crm.sales_order_extra', 'order_id');
 
 -- Children are replaced as a whole: an order's lines are part of its document.
 CREATE TEMP TABLE ids ON COMMIT DROP AS SELECT source_key::bigint AS id FROM b;
@@ -65,10 +68,11 @@ DELETE FROM crm.sales_order_meta WHERE order_id IN (SELECT id FROM ids);
 DELETE FROM crm.shipment WHERE order_id IN (SELECT id FROM ids);
 
 INSERT INTO crm.sales_order_address (order_id, kind, first_name, last_name, company, address_1, address_2, city,
-                                     state_code, postcode, country_iso2, email, phone)
+                                     state_code, postcode, country_iso2, country_raw, email, phone)
 SELECT b.source_key::bigint, x.kind, crm.html_text(a->>'first_name'), crm.html_text(a->>'last_name'),
        NULLIF(a->>'company', ''), NULLIF(a->>'address_1', ''), NULLIF(a->>'address_2', ''), crm.html_text(NULLIF(a->>'city', '')),
-       NULLIF(a->>'state', ''), NULLIF(a->>'postcode', ''), NULLIF(a->>'country', ''), NULLIF(a->>'email', ''),
+       NULLIF(a->>'state', ''), NULLIF(a->>'postcode', ''), crm.country_code(a->>'country'),
+       CASE WHEN crm.country_code(a->>'country') IS NULL THEN NULLIF(a->>'country', '') END, NULLIF(a->>'email', ''),
        NULLIF(a->>'phone', '')
 FROM b, LATERAL (VALUES ('billing', payload->'billing'), ('shipping', payload->'shipping')) x(kind, a)
 WHERE COALESCE(a->>'address_1', '') <> '' OR COALESCE(a->>'first_name', '') <> '' OR COALESCE(a->>'email', '') <> '';

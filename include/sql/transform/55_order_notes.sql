@@ -13,3 +13,6 @@ ON CONFLICT (id) DO UPDATE SET note = EXCLUDED.note, author = EXCLUDED.author,
     is_customer_note = EXCLUDED.is_customer_note, landed_run_id = EXCLUDED.landed_run_id,
     landed_inbox_id = EXCLUDED.landed_inbox_id, deleted_at = NULL
 WHERE crm.sales_order_note.landed_inbox_id < EXCLUDED.landed_inbox_id;
+-- Every field the registry's `mapped` list does not name: kept in the extra table, by path.
+SELECT sync.keep_unmapped('order_notes', 'crm.sales_order_note', 'crm.sales_order_note_extra', 'note_id',
+                          'split_part(b.source_key, '':'', 2)::bigint');

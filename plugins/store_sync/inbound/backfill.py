@@ -15,10 +15,10 @@ from datetime import datetime, timedelta
 
 import psycopg
 
-from store_sync.client import StoreClient
-from store_sync.detect import fmt, now_utc, sync_entity
-from store_sync.landing import get_watermark, set_watermark
+from store_sync.inbound.detect import fmt, now_utc, sync_entity
+from store_sync.inbound.landing import get_watermark, set_watermark
 from store_sync.registry import Entity
+from store_sync.store.client import StoreClient
 
 log = logging.getLogger(__name__)
 

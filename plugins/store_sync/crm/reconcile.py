@@ -1,6 +1,6 @@
 """Is the CRM right? Compare it with the store, entity by entity, and print the differences.
 
-    python -m store_sync.reconcile [--entity orders ...] [--show 10]     (make reconcile)
+    python -m store_sync.crm.reconcile [--entity orders ...] [--show 10]     (make reconcile)
 
 For each entity with a ``reconcile`` block in the registry: counts, ids missing on either side,
 source modified times, and a checksum of the mapped fields (store field → CRM column). Reads the
@@ -20,8 +20,8 @@ from decimal import Decimal, InvalidOperation
 
 import psycopg
 
-from store_sync.client import StoreClient
 from store_sync.registry import Entity, entities
+from store_sync.store.client import StoreClient
 
 
 @dataclass
@@ -68,8 +68,10 @@ def reconcile_entity(dsn: str, client: StoreClient, spec: Entity, show: int = 10
                 store[str(r["id"])] = (modified, tuple(norm(r.get(f)) for f in fields))
     columns = ", ".join(fields.values())
     # Trashed records are still listed by the store (status=trash): only hard deletes count as gone.
-    gone = "deleted_at IS NOT NULL AND status IS DISTINCT FROM 'trash'" if "status" in fields.values() else \
-        "deleted_at IS NOT NULL"
+    # A trashed record deleted for good keeps status 'trash'; its row's last inbox row is the delete event.
+    purged = "EXISTS (SELECT 1 FROM inbox.record r WHERE r.inbox_id = landed_inbox_id AND r.payload ? 'deleted')"
+    gone = f"deleted_at IS NOT NULL AND (status IS DISTINCT FROM 'trash' OR {purged})" if "status" in fields.values() \
+        else "deleted_at IS NOT NULL"
     where = f"WHERE {cfg['where']}" if cfg.get("where") else ""
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(f"SELECT id, source_modified_at, {gone}, {columns} FROM {cfg['table']} {where}").fetchall()
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("AIRFLOW_CONN_STORE_API", json.dumps({
         "conn_type": "http", "host": "http://127.0.0.1:8765", "login": "ck_sandbox", "password": "cs_sandbox"}))
-    from store_sync.hooks import StoreApiHook
+    from store_sync.store.hooks import StoreApiHook
     from store_sync.tasks import crm_dsn
 
     client = StoreApiHook().get_client()

@@ -1,7 +1,9 @@
 """Landing: records into the inboxes, untouched, with COPY; the watermark moves in the same transaction.
 
-* Each record is checked against its entity's JSON Schema; a failure goes to ``sync.quarantine`` with
-  the reason and the raw body, and the rest of the page lands.
+* Each record is checked against its entity's JSON Schema, and for what PostgreSQL cannot hold (a key
+  of the wrong type, a cursor date that is no date, NaN, a record too large or too deep); a failure goes
+  to ``sync.quarantine`` with the reason and the raw body, and the rest of the page lands. NUL and lone
+  surrogates (valid JSON, not valid PostgreSQL text) land as U+FFFD.
 * Rows are COPYed into a temporary table; a record lands unless its payload equals the **latest**
   landed version of that record (``inbox.latest``), so a rerun or an overlapping window never doubles
   anything, while a revert (A → B → A) lands the second A.
@@ -12,6 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
+import reprlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,9 +33,13 @@ def canonical(record: dict) -> str:
 
 
 def parse_gmt(value: str | None) -> datetime | None:
-    if not value:
+    """The store's GMT string as UTC; None when missing or not a date (``land_page`` quarantines those)."""
+    if not value or not isinstance(value, str):
         return None
-    return datetime.fromisoformat(value).replace(tzinfo=UTC)
+    try:
+        return datetime.fromisoformat(value).replace(tzinfo=UTC)
+    except ValueError:  # "0000-00-00T00:00:00", "2026-02-30T…": the page must go on
+        return None
 
 
 @dataclass
@@ -53,11 +62,12 @@ def land_page(conn: psycopg.Connection, entity: Entity, records: Iterable[dict],
         reason = None if deletes else entity.problem(record)
         if reason is None and key in (None, ""):
             reason = f"missing key field {entity.key!r}"
+        if reason is None:
+            reason, text, digest = content_problem(entity, record, key)
         if reason is not None:
-            bad.append((entity.name, None if key is None else str(key), reason, json.dumps(record), run_id))
+            bad.append((entity.name, _key_text(key), _text(reason), raw_json(record), run_id))
             continue
         key = f"{key_prefix}{key}"
-        text, digest = fingerprint(record)
         modified = parse_gmt(record.get(entity.cursor)) if entity.cursor else None
         is_delete = deletes or record.get("status") == "trash"
         row = (entity.name, key, modified, is_delete, text, digest, run_id)
@@ -99,9 +109,91 @@ def land_page(conn: psycopg.Connection, entity: Entity, records: Iterable[dict],
 
 
 def fingerprint(record: dict) -> tuple[str, str]:
-    """(canonical JSON, its md5): what the inbox stores and how it tells versions apart."""
+    """(canonical JSON, its md5): what the inbox stores and how it tells versions apart.
+
+    NUL and lone surrogates are valid JSON but PostgreSQL text cannot hold them: the stored JSON has
+    U+FFFD in their place, while the md5 is of the record as it came (re-reads are still skipped)."""
     text = canonical(record)
-    return text, hashlib.md5(text.encode()).hexdigest()
+    try:
+        data, clean = text.encode(), "\\u0000" not in text
+    except UnicodeEncodeError:  # a lone surrogate
+        data, clean = text.encode("utf-8", "surrogatepass"), False
+    if not clean:
+        text = canonical(_scrub(record))
+    return text, hashlib.md5(data).hexdigest()
+
+
+# -- what PostgreSQL cannot hold ----------------------------------------------------------------------
+MAX_PAYLOAD_CHARS = 16 * 1024 * 1024  # far above any real record (a large order is ~20 KB); bounds memory
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")  # NUL, lone surrogates
+_PREVIEW = reprlib.Repr()  # a bounded repr, for reasons and previews of what cannot be stored
+_PREVIEW.maxlevel, _PREVIEW.maxdict, _PREVIEW.maxlist, _PREVIEW.maxstring, _PREVIEW.maxother = 8, 30, 30, 300, 300
+
+
+def content_problem(entity: Entity, record: dict, key) -> tuple[str | None, str | None, str | None]:
+    """(why the inbox cannot take ``record``, or None; its stored JSON; its hash) for a schema-valid record."""
+    if isinstance(key, bool) or not isinstance(key, int | str):
+        return f"key field {entity.key!r} is a {type(key).__name__}, not a string or an integer", None, None
+    if isinstance(key, int) and key.bit_length() > 1000:
+        return f"key field {entity.key!r} is an integer of {key.bit_length()} bits", None, None
+    if isinstance(key, str) and _NOT_TEXT.search(key):
+        return f"key field {entity.key!r} holds a NUL or a lone surrogate", None, None
+    if entity.cursor:
+        value = record.get(entity.cursor)
+        if value not in (None, "") and parse_gmt(value) is None:
+            return f"{entity.cursor} {_PREVIEW.repr(value)} is not a date", None, None
+    try:
+        text, digest = fingerprint(record)
+    except (ValueError, TypeError, RecursionError) as exc:  # an int past 4300 digits, nesting past the stack
+        return f"cannot be written as JSON: {type(exc).__name__}: {str(exc)[:200]}", None, None
+    if len(text) > MAX_PAYLOAD_CHARS:
+        return f"record of {len(text):,} characters exceeds the landing limit of {MAX_PAYLOAD_CHARS:,}", None, None
+    if ("NaN" in text or "Infinity" in text) and not _finite(record):
+        return "holds NaN or Infinity (a number such as 1e400), which jsonb cannot", None, None
+    return None, text, digest
+
+
+def raw_json(record) -> str:
+    """``record`` as ``sync.quarantine.raw`` (jsonb) can hold it; a preview when not even that."""
+    try:
+        text = json.dumps(_scrub(record, numbers=True), allow_nan=False)
+        if len(text) <= MAX_PAYLOAD_CHARS:
+            return text
+    except (ValueError, TypeError, RecursionError):
+        pass
+    return json.dumps({"not_stored": True, "preview": _text(_PREVIEW.repr(record))})
+
+
+def _key_text(key) -> str | None:
+    if key is None or isinstance(key, str):
+        return None if key is None else _text(key)[:200]
+    if isinstance(key, int) and key.bit_length() <= 1000:
+        return str(key)
+    return _text(_PREVIEW.repr(key))[:200]
+
+
+def _text(value: str) -> str:
+    return _NOT_TEXT.sub("\ufffd", value)
+
+
+def _scrub(value, numbers: bool = False):
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v, numbers) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, numbers) for v in value]
+    if numbers and isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _finite(record) -> bool:
+    try:
+        json.dumps(record, allow_nan=False)
+    except ValueError:
+        return False
+    return True
 
 
 def already_landed(conn: psycopg.Connection, entity: Entity, records: list[dict]) -> set[str]:
@@ -115,10 +207,18 @@ def already_landed(conn: psycopg.Connection, entity: Entity, records: list[dict]
     return {r[0] for r in rows}
 
 
-def landed_keys(conn: psycopg.Connection, entity: str) -> dict[str, datetime | None]:
-    """The records whose latest landed version is not a delete: {source_key: source_modified_at}."""
-    rows = conn.execute("SELECT source_key, source_modified_at FROM inbox.latest WHERE entity = %s AND NOT is_delete",
-                        (entity,)).fetchall()
+def landed_keys(conn: psycopg.Connection, entity: str, with_trash: bool = False) -> dict[str, datetime | None]:
+    """The records whose latest landed version is live: {source_key: source_modified_at}.
+
+    ``with_trash`` counts trashed records as present too (only a delete event makes a record gone):
+    a record trashed, then deleted for good, must still be checked against the store."""
+    if with_trash:
+        rows = conn.execute(
+            "SELECT l.source_key, l.source_modified_at FROM inbox.latest l JOIN inbox.record r ON r.inbox_id = l.inbox_id "
+            "WHERE l.entity = %s AND NOT (l.is_delete AND r.payload ? 'deleted')", (entity,)).fetchall()
+    else:
+        rows = conn.execute("SELECT source_key, source_modified_at FROM inbox.latest WHERE entity = %s AND NOT is_delete",
+                            (entity,)).fetchall()
     return dict(rows)
 
 

@@ -1,10 +1,12 @@
 """``make demo``: the whole integration on this machine, started by one command.
 
-* the CRM database: ``CRM_DATABASE_URL`` if set, else the embedded PostgreSQL (which also holds
-  Airflow's metadata database);
+* the CRM database: ``CRM_DATABASE_URL`` (or ``AIRFLOW_CONN_CRM_DB``) if set, else the embedded
+  PostgreSQL (which also holds Airflow's metadata database), switched on with ``CRM_DATABASE_EMBEDDED=1``;
 * the store: ``AIRFLOW_CONN_STORE_API`` if set (a real shop), else the sandbox store with the change
-  simulator on;
-* Airflow 3.3 (api-server, scheduler, dag-processor, triggerer) with the DAGs unpaused.
+  simulator on, and its customer webhooks pointed at the api-server (secret generated once into
+  ``.data/store-webhook-secret``);
+* Airflow 3.3 (api-server, scheduler, dag-processor, triggerer) with the DAGs unpaused, and the store
+  webhooks registered through the package's own registration (``store_sync.store.webhooks``).
 
 It prints the UI address and login, then runs until Ctrl-C and stops everything it started.
 ``--once`` runs one full cycle headless with the DAG tasks' own code (land every entity, transform,
@@ -22,9 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from store_sync.crm_database import EmbeddedPostgres, configured_dsn, describe, wait_for
+from store_sync.crm.database import EMBEDDED_SWITCH, EmbeddedPostgres, airflow_dsn, describe, url_from_env, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DATA = REPO / ".data"
 
 
@@ -44,6 +46,34 @@ def wait_for_store(client, started: list[subprocess.Popen], seconds: float = 300
             if time.monotonic() > deadline or any(p.poll() is not None for p in started):
                 raise
             time.sleep(0.5)
+
+
+def demo_secret(name: str) -> str:
+    """A secret the demo generates once and keeps out of git and logs (0600 under .data/)."""
+    import secrets
+
+    path = DATA / name
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def register_webhooks() -> None:
+    """The package's own registration, as the store_register_webhooks DAG runs it."""
+    from store_sync.store.webhooks import register_webhooks as register
+
+    try:
+        done = register()
+    except Exception as exc:  # the demo goes on: the customer scan still finds every change, only later
+        print(f"Store webhooks: NOT registered ({exc}); customers reach the CRM through the periodic scan")
+        return
+    if done["status"] == "off":
+        print("Store webhooks: off (no webhook_url in the store connection); customers reach the CRM through the "
+              "periodic scan")
+    else:
+        print(f"Store webhooks: customer.created/updated/deleted → {done['delivery_url']} (created {len(done['created'])}, "
+              f"re-enabled {len(done['enabled'])}, kept {len(done['kept'])})")
 
 
 def wait_for_signal() -> None:
@@ -73,22 +103,28 @@ def main(argv: list[str] | None = None) -> int:
     stack = None
     try:
         embedded_dsn = embedded.start()  # Airflow's metadata lives here even when the CRM is elsewhere
-        crm = configured_dsn()
+        # Only what the environment says: this process has no Airflow deployment of its own to ask.
+        crm = url_from_env() or (airflow_dsn() if os.environ.get("AIRFLOW_CONN_CRM_DB") else None)
         if crm:
             wait_for(crm)
             print(f"CRM database: {describe(crm)} (from your configuration)")
         else:
             crm = embedded_dsn
+            os.environ[EMBEDDED_SWITCH] = "1"
             print(f"CRM database: embedded PostgreSQL at {describe(crm)} (data in {embedded.data_dir})")
-        os.environ["CRM_DATABASE_URL"] = crm
+        os.environ["CRM_DATABASE_URL"] = crm  # every Airflow process the demo starts uses this one
 
-        from store_sync.hooks import StoreApiHook
+        from store_sync.store.hooks import StoreApiHook
 
         if not os.environ.get("AIRFLOW_CONN_STORE_API"):
             started.append(start_sandbox(args.port, args.size, 0.0 if args.once else args.changes_per_second))
             os.environ["AIRFLOW_CONN_STORE_API"] = json.dumps({
                 "conn_type": "http", "host": f"http://127.0.0.1:{args.port}", "login": "ck_sandbox",
-                "password": "cs_sandbox", "extra": {"requests_per_second": 20, "max_in_flight": 3}})
+                "password": "cs_sandbox", "extra": {
+                    "requests_per_second": 20, "max_in_flight": 3,
+                    # The sandbox delivers customer webhooks to the api-server's receiver.
+                    "webhook_url": f"http://127.0.0.1:{args.airflow_port}",
+                    "webhook_secret": demo_secret("store-webhook-secret")}})
             print(f"Store: sandbox ({args.size}) at http://127.0.0.1:{args.port}/wp-json/wc/v3, change simulator "
                   f"{'off' if args.once else f'{args.changes_per_second}/s'}")
         client = StoreApiHook().get_client()
@@ -105,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 counts = land_entity(name, f"demo-once-{int(time.time())}")
                 print(f"  landed {name:<22} read {counts['read']:>6}  new {counts['landed']:>6}  "
                       f"quarantined {counts['quarantined']}")
-            from store_sync.transform import run_checks, table_counts, transform
+            from store_sync.crm.transform import run_checks, table_counts, transform
 
             for step in transform(crm):
                 print(f"  applied {step['step']:<26} {step['inbox_rows']:>6} inbox rows in {step['seconds']:.2f}s")
@@ -115,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  crm.{table:<24} {rows:>8}")
             return 0
 
-        from store_sync.stack import AirflowStack, metadata_url_for
+        from store_sync.local.stack import AirflowStack, metadata_url_for
 
         stack = AirflowStack(DATA / "airflow", metadata_url_for(embedded), port=args.airflow_port)
         print("Airflow: migrating its metadata database…")
         stack.setup()
         stack.start()
+        register_webhooks()  # now that the receiver answers: deliveries before it would count as failures
         print(f"Airflow UI: {stack.url}  login admin / {stack.admin_password()}  "
               f"(password kept in {stack.home / 'passwords.json'})")
         print("The store_watch_* DAGs are unpaused and landing; `make demo ARGS=--once` prints counts. "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import psycopg
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "include" / "sql" / "migrations"
+MIGRATIONS = Path(__file__).resolve().parents[3] / "include" / "sql" / "migrations"
 
 
 def migrate(dsn: str) -> list[str]:

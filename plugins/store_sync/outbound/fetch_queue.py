@@ -113,7 +113,7 @@ class Drain:
     # -- bookkeeping ------------------------------------------------------------------------------
     def run_record(self, target: str, entity: str):
         """One ``sync.landing_run`` row per (run, target); its id scopes the run's quarantine rows."""
-        from store_sync.landing import RunRecord
+        from store_sync.inbound.landing import RunRecord
 
         if target not in self.runs:
             self.runs[target] = RunRecord(self.dsn, f"{self.run_id}:fetch:{target}", entity, "on_demand")
@@ -196,7 +196,7 @@ class Drain:
 
     # -- records by id ----------------------------------------------------------------------------
     def by_id(self, target: str, keys: list[str]) -> None:
-        from store_sync.detect import fetch_by_ids
+        from store_sync.inbound.detect import fetch_by_ids
         from store_sync.registry import entity as registry_entity
 
         spec = registry_entity(target)
@@ -243,7 +243,7 @@ class Drain:
 
     # -- records under a parent -------------------------------------------------------------------
     def related(self, target: str, parents: list[str]) -> None:
-        from store_sync.client import StoreNotFound
+        from store_sync.store.client import StoreNotFound
 
         parent_name, child_name = RELATED[target]
         listed: dict[str, list[int]] = {}
@@ -277,7 +277,7 @@ class Drain:
                       outcome: str = "fetched") -> None:
         """Refunds / related orders by include= from their own route (the shape live sync lands), with the
         ones landed before under these parents, so a child deleted at the store is asked for and lands as gone."""
-        from store_sync.detect import fetch_by_ids
+        from store_sync.inbound.detect import fetch_by_ids
         from store_sync.registry import entity as registry_entity
 
         spec = registry_entity(child_name)
@@ -300,8 +300,8 @@ class Drain:
 
     def notes(self, order_id: str) -> None:
         """An order's notes as live sync reads them (``fetch_children``), deleted notes included."""
-        from store_sync.detect import fetch_children, land_deletes
-        from store_sync.landing import land_page
+        from store_sync.inbound.detect import fetch_children, land_deletes
+        from store_sync.inbound.landing import land_page
         from store_sync.registry import entity as registry_entity
 
         orders = registry_entity("orders")
@@ -319,8 +319,8 @@ class Drain:
 
     def parent_gone(self, target: str, parent_name: str, parent: str, exc: Exception) -> None:
         """The parent's route answered 404: ask for the parent itself; only its own 404 is a delete."""
-        from store_sync.detect import confirm_deletes, land_deletes, landed_children
-        from store_sync.landing import land_page
+        from store_sync.inbound.detect import confirm_deletes, land_deletes, landed_children
+        from store_sync.inbound.landing import land_page
         from store_sync.registry import entity as registry_entity
 
         spec = registry_entity(parent_name)
@@ -346,7 +346,7 @@ class Drain:
 
 
 def _is_auth(exc: Exception) -> bool:
-    from store_sync.client import StoreAuthError
+    from store_sync.store.client import StoreAuthError
 
     return isinstance(exc, StoreAuthError)
 

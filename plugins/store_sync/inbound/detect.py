@@ -26,8 +26,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
-from store_sync.client import StoreClient, StoreNotFound
-from store_sync.landing import (
+from store_sync.inbound.landing import (
     PageResult,
     RunRecord,
     already_landed,
@@ -38,10 +37,23 @@ from store_sync.landing import (
     set_watermark,
 )
 from store_sync.registry import Entity
+from store_sync.store.client import StoreClient, StoreNotFound
 
 log = logging.getLogger(__name__)
 GMT = "%Y-%m-%dT%H:%M:%S"
 SECOND = timedelta(seconds=1)
+
+
+def key_of(record, entity: Entity) -> str | None:
+    """A record's key as text, or None for what is no record (not an object, no key): landing quarantines those."""
+    if not isinstance(record, dict) or record.get(entity.key) in (None, ""):
+        return None
+    return str(record[entity.key])
+
+
+def int_key(record, entity: Entity) -> int | None:
+    key = key_of(record, entity)
+    return int(key) if key is not None and key.isdigit() else None
 
 
 def fmt(moment: datetime) -> str:
@@ -129,7 +141,7 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
                 fresh = page
                 if entity.children:
                     known = already_landed(conn, entity, page)
-                    fresh = [r for r in page if str(r.get(entity.key)) not in known]
+                    fresh = [r for r in page if key_of(r, entity) is not None and key_of(r, entity) not in known]
                 children = fetch_children(client, entity, fresh, live_cycle=live and cursor is not None, conn=conn)
                 with conn.transaction():
                     run.add(land_page(conn, entity, page, run.run_id))
@@ -197,8 +209,8 @@ def fetch_children(client: StoreClient, entity: Entity, page: list[dict], live_c
         if spec.get("live_only") and not live_cycle:
             continue
         child = registry_entity(spec["entity"])
-        parents = [p for p in page if not any(p.get(k) != v for k, v in (spec.get("when") or {}).items())
-                   and p.get("status") != "trash"]
+        parents = [p for p in page if key_of(p, entity) is not None and p.get("status") != "trash"
+                   and not any(p.get(k) != v for k, v in (spec.get("when") or {}).items())]
         landed = landed_children(conn, child, entity, [str(p[entity.key]) for p in parents])
         for parent in parents:
             endpoint = spec["endpoint"].format(id=parent[entity.key])
@@ -254,7 +266,8 @@ def keyset_pages(client: StoreClient, entity: Entity, status: str | None, lo: da
             return
         # A record modified while we read shows its new time, past t0: it must not move the keyset
         # (it would skip everything between); it lands now and again in the next window.
-        seconds = [m for m in (parse_gmt(r.get(entity.cursor)) for r in page.records) if m and m < t0]
+        seconds = [m for m in (parse_gmt(r.get(entity.cursor)) for r in page.records if isinstance(r, dict))
+                   if m and m < t0]
         if not seconds:
             yield page.records, lo, False
             continue  # every record on the page left the window: the same query now returns the rest
@@ -263,7 +276,7 @@ def keyset_pages(client: StoreClient, entity: Entity, status: str | None, lo: da
         if lo is not None and next_lo <= lo:
             # The whole page is one second: read that second completely, then move past it.
             yield page.records, lo, False
-            known = {str(r.get(entity.key)) for r in page.records}
+            known = {key_of(r, entity) for r in page.records} - {None}
             for records in drain_second(client, entity, base, top, t0, known):
                 yield records, lo, False
             lo = top
@@ -310,7 +323,7 @@ def drain_second(client: StoreClient, entity: Entity, base: dict, second: dateti
     offset, highest, backoffs = 0, None, 0
     while True:
         records = first_page(client, entity, {**params, "offset": offset}).records
-        ids = [int(r[entity.key]) for r in records if isinstance(r, dict) and str(r.get(entity.key)).isdigit()]
+        ids = [i for i in (int_key(r, entity) for r in records) if i is not None]
         if highest is not None and offset > 0 and (not ids or ids[0] > highest):
             # More records before this offset left the second than the overlap covers: step back.
             backoffs += 1
@@ -319,8 +332,8 @@ def drain_second(client: StoreClient, entity: Entity, base: dict, second: dateti
                                         "open and is read again next cycle")
             offset = max(0, offset - step)
             continue
-        fresh = [r for r in records if str(r.get(entity.key)) not in seen]
-        seen.update(str(r.get(entity.key)) for r in fresh)
+        fresh = [r for r in records if key_of(r, entity) not in seen]
+        seen.update(key_of(r, entity) for r in fresh)
         if fresh:
             yield fresh
         if len(records) < size:
@@ -338,11 +351,11 @@ def fetch_by_ids(dsn: str, client: StoreClient, entity: Entity, run: RunRecord, 
         if entity.statuses != (None,):
             params["status"] = "any"
         records = client.get_page(entity.endpoint, params, 1, 100).records
-        gone = set(chunk) - {int(r[entity.key]) for r in records}
+        gone = set(chunk) - {int_key(r, entity) for r in records}
         if entity.statuses != (None,) and gone:  # trashed ones are not in "any"
             trashed = client.get_page(entity.endpoint, {**params, "status": "trash"}, 1, 100).records
             records += trashed
-            gone -= {int(r[entity.key]) for r in trashed}
+            gone -= {int_key(r, entity) for r in trashed}
         # Absent from a listing is not deleted (a transient empty page, a proxy): ask for each one.
         found, gone = confirm_deletes(client, entity, gone, lambda key: f"{entity.endpoint}/{key}")
         with psycopg.connect(dsn) as conn, conn.transaction():
@@ -405,9 +418,10 @@ def id_scan(dsn: str, client: StoreClient, entity: Entity, run: RunRecord, full:
     # 1. new customers: highest ids first, down to what we know
     newest = max_id
     for page in client.iter_pages(entity.endpoint, {**entity.params, "order": "desc"}, entity.per_page):
-        fresh = [r for r in page.records if int(r[entity.key]) > max_id]
+        # What has no usable id lands too, so that landing quarantines it with its reason.
+        fresh = [r for r in page.records if (int_key(r, entity) or max_id + 1) > max_id]
         if fresh:
-            newest = max(newest, max(int(r[entity.key]) for r in fresh))
+            newest = max(newest, max(int_key(r, entity) or 0 for r in fresh))
             with psycopg.connect(dsn) as conn, conn.transaction():
                 run.add(land_page(conn, entity, fresh, run.run_id))
         if len(fresh) < len(page.records):
@@ -435,10 +449,11 @@ def id_scan(dsn: str, client: StoreClient, entity: Entity, run: RunRecord, full:
         for page in client.iter_pages(entity.endpoint, {**entity.params, "order": "asc",
                                                         "_fields": f"{entity.key},{entity.cursor}"}, entity.per_page):
             for r in page.records:
-                store_view[str(r[entity.key])] = parse_gmt(r.get(entity.cursor))
+                if (key := key_of(r, entity)) is not None:
+                    store_view[key] = parse_gmt(r.get(entity.cursor))
         with psycopg.connect(dsn) as conn:
             known = landed_keys(conn, entity.name)
-        changed = [int(k) for k, m in store_view.items() if k not in known or (m and known[k] != m)]
+        changed = [int(k) for k, m in store_view.items() if k.isdigit() and (k not in known or (m and known[k] != m))]
         if changed:
             fetch_by_ids(dsn, client, entity, run, changed)
         apply_confirmed_deletes(dsn, client, entity, run, set(known) - set(store_view), listed=len(store_view),
@@ -460,7 +475,8 @@ def snapshot(dsn: str, client: StoreClient, entity: Entity, run: RunRecord) -> d
         data = client.get(entity.endpoint)
         records = [{"code": k, "name": v} for k, v in data.items()] if entity.map_to_list else data
     for r in records:
-        r.pop("_links", None)  # the store's own URLs change with the host, not with the data
+        if isinstance(r, dict):
+            r.pop("_links", None)  # the store's own URLs change with the host, not with the data
     with psycopg.connect(dsn) as conn, conn.transaction():
         known = landed_keys(conn, entity.name)
         run.add(land_page(conn, entity, records, run.run_id))
@@ -522,7 +538,8 @@ def reconcile_deletes(dsn: str, client: StoreClient, entity: Entity, run_id: str
         for status in entity.statuses:
             in_store |= list_ids(client, entity.endpoint, {"status": status} if status else {}, entity.per_page)
         with psycopg.connect(dsn) as conn:
-            known = landed_keys(conn, entity.name)
+            # Trashed records are listed by status=trash; one deleted for good from the trash is not.
+            known = landed_keys(conn, entity.name, with_trash=True)
             variations = landed_variations(conn, entity.name)
             deleted = {r[0] for r in conn.execute(
                 "SELECT l.source_key FROM inbox.latest l JOIN inbox.record r ON r.inbox_id = l.inbox_id "

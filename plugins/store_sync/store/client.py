@@ -221,6 +221,7 @@ class StoreClient:
         params = {k: v for k, v in (params or {}).items() if v is not None}
         retries = self.max_retries if max_retries is None else max_retries
         attempt = 0
+        store_error = None
         while True:
             wait = None
             self.budget.acquire()
@@ -229,12 +230,18 @@ class StoreClient:
                 sent = time.monotonic()
                 response = self._send(method, url, params, json_body)
                 self.budget.observe(time.monotonic() - sent)
+            # requests puts the whole URL in its messages, and the query carries the consumer key and secret
+            # (query-string auth) or the OAuth signature: only redacted text leaves this method.
             except requests.exceptions.SSLError as exc:
-                raise StoreUnavailable(0, "store_tls_error", f"the store's TLS certificate was refused ({exc}); set "
-                                       f"'verify' in the connection extras to the CA bundle that signs it", url) from None
-            except (requests.Timeout, requests.ConnectionError) as exc:
-                # The URL in the message carries the signed query (key, nonce, signature): keep it out of logs.
-                problem, status = f"{type(exc).__name__}: {_QUERY.sub('', str(exc))}", 0
+                raise StoreUnavailable(0, "store_tls_error", f"the store's TLS certificate was refused "
+                                       f"({self._redact(exc)}); set 'verify' in the connection extras to the CA "
+                                       f"bundle that signs it", url) from None
+            except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError) as exc:
+                problem, status = f"{type(exc).__name__}: {self._redact(exc)}", 0
+            except requests.RequestException as exc:  # a bad URL, too many redirects…: not worth a retry
+                raise StoreApiError(0, "store_request_error", f"{type(exc).__name__}: {self._redact(exc)}",
+                                    url) from None
             else:
                 status = response.status_code
                 if status < 300:
@@ -247,6 +254,7 @@ class StoreClient:
                         return data, response.headers
                 elif status in RETRYABLE_STATUS:
                     problem = f"HTTP {status} {response.reason}"
+                    store_error = _json_error(response)  # the store's own code, when it sent one
                     wait = _retry_after(response.headers.get("Retry-After"))
                     if status in (429, 503):
                         self.stats.throttled += 1
@@ -262,6 +270,9 @@ class StoreClient:
                     raise StoreUnavailable(0, "store_unreachable",
                                            f"cannot reach the store at {self.store_url} after {attempt + 1} tries: {problem}",
                                            url)
+                if store_error:  # e.g. a refused subscription transition or refund: HTTP 500 with a code
+                    raise StoreUnavailable(status, store_error[0], f"gave up after {attempt + 1} tries: "
+                                           f"HTTP {status} {store_error[1]}", url)
                 raise StoreUnavailable(status, "store_unavailable", f"gave up after {attempt + 1} tries: {problem}", url)
             delay = wait if wait is not None else min(self.backoff_max, self.backoff_base * 2 ** attempt)
             delay = delay * random.uniform(1.0, 1.25) if wait is not None else delay * random.uniform(0.5, 1.0)
@@ -269,6 +280,14 @@ class StoreClient:
             self.stats.retries += 1
             attempt += 1
             time.sleep(delay)
+
+    def _redact(self, exc: BaseException | str) -> str:
+        """An exception's text without any query string, key or secret."""
+        text = _QUERY.sub("", str(exc))
+        for secret in (self._secret, self._key, quote(self._secret, safe=""), quote(self._key, safe="")):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
 
     def _send(self, method: str, url: str, params: dict, json_body: Any) -> requests.Response:
         auth = None
@@ -293,8 +312,10 @@ class StoreClient:
     def put(self, endpoint: str, body: dict) -> Any:
         return self.request("PUT", endpoint, json_body=body)[0]
 
-    def post(self, endpoint: str, body: dict) -> Any:
-        return self.request("POST", endpoint, json_body=body)[0]
+    def post(self, endpoint: str, body: dict, max_retries: int | None = None) -> Any:
+        """``max_retries=0`` for writes that are not idempotent (a refund, a note): a retry after a lost
+        answer could make a second one; the caller checks what the store did before trying again."""
+        return self.request("POST", endpoint, json_body=body, max_retries=max_retries)[0]
 
     def check(self) -> dict:
         """Fail fast on bad configuration: one authenticated call, few retries, a plain message."""
@@ -371,6 +392,14 @@ def _retry_after(value: str | None) -> float | None:
             return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
         except (TypeError, ValueError):
             return None
+
+
+def _json_error(response: requests.Response) -> tuple[str, str] | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return (str(body["code"]), str(body.get("message", ""))) if isinstance(body, dict) and body.get("code") else None
 
 
 def _error_from(response: requests.Response, url: str) -> StoreApiError:

@@ -21,7 +21,7 @@ import requests
 
 from store_sync.dag_defaults import POOLS
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 FAST_REACTION = {
     "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.1",

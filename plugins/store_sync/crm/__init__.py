@@ -1,0 +1,1 @@
+"""The CRM: its database, migrations, the 3NF transforms and checks, reconciliation with the store."""

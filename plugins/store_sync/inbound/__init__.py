@@ -1,0 +1,1 @@
+"""Store -> CRM: change detection, landing in the inboxes, backfills, the webhook receiver."""

@@ -1,0 +1,136 @@
+"""Airflow hook for the store: owns the ``store_api`` connection and nothing else.
+
+Connection (``AIRFLOW_CONN_STORE_API``, a secrets backend or the UI; type HTTP):
+
+* host: the shop URL with its scheme, ``https://shop.example.com`` (``http://`` means plain HTTP, where
+  requests are OAuth 1.0a signed). A host without a scheme follows Airflow's HTTP connection: the
+  Schema field (``http``/``https``), else the URI's own scheme (``http://ck:cs@shop:8080`` is plain
+  HTTP), else HTTPS. Any other Schema is the shop's sub-folder (WordPress installed under ``/shop``);
+* login / password: the REST API consumer key and secret (``ck_…`` / ``cs_…``);
+* extra (all optional; strings such as ``"false"`` or ``"5"`` are understood):
+  ``requests_per_second`` (5), ``max_in_flight`` (3), ``timeout`` (30), ``max_retries`` (6),
+  ``verify`` (true, false, or a CA bundle path), ``query_string_auth`` (false), ``api_path``
+  (``/wp-json/wc/v3``), ``backfill_requests_per_second`` (2), ``backfill_max_in_flight`` (1), and for
+  webhooks ``webhook_url`` (the public URL of the Airflow api-server) and ``webhook_secret``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from airflow.sdk import BaseHook
+
+from store_sync.store.client import DEFAULT_API_PATH, StoreClient
+from store_sync.store.config import FALSE, TRUE, ConfigError, as_bool, as_number
+
+log = logging.getLogger(__name__)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class StoreApiHook(BaseHook):
+    conn_name_attr = "store_conn_id"
+    default_conn_name = "store_api"
+    conn_type = "http"
+    hook_name = "WooCommerce store (REST API v3)"
+
+    def __init__(self, store_conn_id: str = default_conn_name, **overrides: Any):
+        super().__init__()
+        self.store_conn_id = store_conn_id
+        self.overrides = overrides
+        self._client: StoreClient | None = None
+        self._conn = None
+
+    @property
+    def connection(self):
+        if self._conn is None:
+            self._conn = self.get_connection(self.store_conn_id)
+        return self._conn
+
+    def extra_bool(self, name: str, default: bool) -> bool:
+        return as_bool(self.connection.extra_dejson.get(name, default), f"extra {name!r}",
+                       f"store connection {self.store_conn_id!r}")
+
+    def extra_number(self, name: str, default: float, *, kind: type = float, minimum: float | None = None):
+        return as_number(self.connection.extra_dejson.get(name, default), f"extra {name!r}",
+                         f"store connection {self.store_conn_id!r}", kind=kind, minimum=minimum)
+
+    def extra_text(self, name: str) -> str | None:
+        value = self.connection.extra_dejson.get(name)
+        return str(value).strip() or None if value is not None else None
+
+    def client_options(self) -> dict[str, Any]:
+        """The client's settings from the extras, parsed and checked (a clear error names a bad one)."""
+        return {
+            "api_path": self.extra_text("api_path") or DEFAULT_API_PATH,
+            "timeout": self.extra_number("timeout", 30, minimum=0.1),
+            "verify": self._verify(),
+            "requests_per_second": self.extra_number("requests_per_second", 5, minimum=0.01),
+            "max_in_flight": self.extra_number("max_in_flight", 3, kind=int, minimum=1),
+            "max_retries": self.extra_number("max_retries", 6, kind=int, minimum=0),
+            "query_string_auth": self.extra_bool("query_string_auth", False),
+        }
+
+    def backfill_budget(self) -> dict[str, Any]:
+        """Backfills spend a smaller budget than live sync: the shoppers come first."""
+        return {"requests_per_second": self.extra_number("backfill_requests_per_second", 2, minimum=0.01),
+                "max_in_flight": self.extra_number("backfill_max_in_flight", 1, kind=int, minimum=1)}
+
+    def _verify(self) -> bool | str:
+        value = self.connection.extra_dejson.get("verify", True)
+        if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in TRUE | FALSE):
+            return as_bool(value, "extra 'verify'", f"store connection {self.store_conn_id!r}")
+        path = str(value)
+        if not Path(path).exists():
+            raise ConfigError(f"store connection {self.store_conn_id!r}: extra 'verify' is neither true/false nor an "
+                              f"existing CA bundle file: {path!r}")
+        return path
+
+    def base_url(self) -> str:
+        conn = self.connection
+        return store_url(conn.host or "", conn.port, conn.schema, conn.conn_type)
+
+    def get_conn(self) -> StoreClient:
+        return self.get_client()
+
+    def get_client(self) -> StoreClient:
+        if self._client is None:
+            conn = self.connection
+            url = self.base_url()
+            host = urlsplit(url).hostname or ""
+            if url.startswith("http://") and host not in LOOPBACK:
+                log.warning("store connection %r says plain HTTP (%s): requests are signed but travel unencrypted; "
+                            "write https:// in the host for a shop on the internet", self.store_conn_id, url)
+            self._client = StoreClient(url, conn.login or "", conn.password or "",
+                                       **{**self.client_options(), **self.overrides})
+        return self._client
+
+    def test_connection(self) -> tuple[bool, str]:
+        try:
+            env = self.get_client().check()
+        except Exception as exc:  # the client's messages carry no key, secret or signed query
+            return False, str(exc)
+        return True, f"WooCommerce {env.get('version', '?')} answered with our key"
+
+
+def store_url(host: str, port: int | None, schema: str | None, conn_type: str | None = None) -> str:
+    """The shop URL from a connection's parts (see the module docstring for the rules)."""
+    scheme, sep, rest = host.strip().partition("://")
+    if not sep:
+        scheme, rest = "", host.strip()
+    schema = (schema or "").strip().strip("/")
+    if not scheme:
+        if schema.lower() in ("http", "https"):
+            scheme = schema.lower()
+        elif (conn_type or "").lower() in ("http", "https"):
+            scheme = conn_type.lower()  # Airflow's URI form puts the URI's scheme here
+        else:
+            scheme = "https"
+    netloc, _, path = rest.partition("/")
+    if not path and schema and schema.lower() not in ("http", "https"):
+        path = schema  # a URI's path lands in `schema`: WordPress in a sub-folder
+    if port and ":" not in netloc:
+        netloc = f"{netloc}:{port}"
+    return f"{scheme}://{netloc}" + (f"/{path.strip('/')}" if path.strip("/") else "")
