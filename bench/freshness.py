@@ -130,13 +130,13 @@ def main() -> int:
             total = [float(h[0]) - c["t"] for c, h in ok]
             detect = [float(h[1]) - c["t"] for c, h in ok if h[1] is not None]
             land = [float(h[0]) - float(h[1]) for c, h in ok if h[1] is not None]
-            crm = [float(h[2]) - c["t"] for c, h in ok if h[2] is not None]
+            to_crm = [float(h[2]) - c["t"] for c, h in ok if h[2] is not None]
             every += total
-            every_crm.extend(crm)
+            every_crm.extend(to_crm)
             if mine:
                 print(f"{entity:<14} {len(mine):>4} {len(ok):>6} {pct(total, .5):>6.2f} {pct(total, .95):>6.2f} "
                       f"{max(total, default=float('nan')):>6.2f} | {pct(detect, .5):>17.2f} {pct(land, .5):>11.2f} | "
-                      f"{pct(crm, .5):>14.2f} {pct(crm, .95):>6.2f}")
+                      f"{pct(to_crm, .5):>14.2f} {pct(to_crm, .95):>6.2f}")
         print(f"{'all':<14} {len(rows):>4} {len(every):>6} {pct(every, .5):>6.2f} {pct(every, .95):>6.2f} "
               f"{max(every, default=float('nan')):>6.2f}   (target: p95 <= 5 s)")
         print(f"to the CRM row (crm_transform, on the inbox Assets): p50 {pct(every_crm, .5):.2f}s, "
