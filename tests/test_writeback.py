@@ -219,3 +219,22 @@ def test_requests_are_checked_when_made(shop):
         conn.execute("SELECT crm.request_order_status(1, 'shipped', NULL)")
     with psycopg.connect(dsn) as conn, pytest.raises(psycopg.errors.NoDataFound):
         conn.execute("SELECT crm.request_order_status(999999, 'completed', NULL)")
+
+
+def test_timeouts_on_writes_apply_each_change_once(shop):
+    # The store applies every write and answers 3 s late; the client gives up after 1 s, three times.
+    sandbox, dsn, client = shop("--faults", "late=1.0", "--slow-seconds", "3")
+    impatient = sandbox.client(timeout=1, max_retries=2)
+    orders = client.get("orders", {"status": "processing", "per_page": 3, "orderby": "id", "order": "asc"})
+    asked = [ask(dsn, "SELECT crm.request_order_status(%s, 'on-hold', NULL)", o["id"]) for o in orders]
+    first_pass = send(dsn, impatient)
+    assert first_pass["retry"] == len(asked) and first_pass["applied"] == 0
+    assert all(client.get(f"orders/{o['id']}")["status"] == "on-hold" for o in orders), "the store did apply them"
+    with psycopg.connect(dsn, autocommit=True) as conn:  # the backoff runs out
+        conn.execute("UPDATE sync.outbox SET next_attempt_at = now()")
+    second = send(dsn, impatient)
+    assert second["sent"] == 0 and second["applied"] == len(asked), "recognised by the marker, not written again"
+    assert all(outbox(dsn, rid)["state"] == "applied" for rid in asked)
+    for o in orders:
+        notes = client.get(f"orders/{o['id']}/notes")
+        assert sum(n["note"] == "Order status changed from Processing to On hold." for n in notes) == 1
