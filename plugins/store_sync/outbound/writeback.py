@@ -84,29 +84,29 @@ DUE = """
 """
 
 
+COLUMNS = ("request_id", "entity", "record_id", "action", "change", "note", "based_on_modified_at", "based_on",
+           "attempts")
+
+
+def due_args(limit: int, ids: list[int] | None) -> dict:
+    return {"lease": f"{int(LEASE.total_seconds())} seconds", "ids": ids, "limit": limit}
+
+
 def claim(conn: psycopg.Connection, limit: int, ids: list[int] | None) -> list[dict]:
     """Mark the due requests 'sent' and commit, so a killed task leaves a trace the next one reads."""
     with conn.transaction():
         rows = conn.execute(
             f"UPDATE sync.outbox SET state = 'sent', attempts = attempts + 1, sent_at = now() "
             f"WHERE request_id IN (SELECT request_id FROM sync.outbox WHERE request_id IN ({DUE}) "
-            f"FOR UPDATE SKIP LOCKED) RETURNING request_id, entity, record_id, action, change, note, "
-            f"based_on_modified_at, based_on, attempts",
-            {"lease": f"{int(LEASE.total_seconds())} seconds", "ids": ids, "limit": limit}).fetchall()
-    cols = ("request_id", "entity", "record_id", "action", "change", "note", "based_on_modified_at", "based_on",
-            "attempts")
-    return sorted((dict(zip(cols, r, strict=True)) for r in rows), key=lambda r: r["request_id"])
+            f"FOR UPDATE SKIP LOCKED) RETURNING {', '.join(COLUMNS)}", due_args(limit, ids)).fetchall()
+    return sorted((dict(zip(COLUMNS, r, strict=True)) for r in rows), key=lambda r: r["request_id"])
 
 
 def peek(conn: psycopg.Connection, limit: int, ids: list[int] | None) -> list[dict]:
     """What a claim would take, without taking it (dry runs)."""
-    rows = conn.execute(
-        f"SELECT request_id, entity, record_id, action, change, note, based_on_modified_at, based_on, attempts "
-        f"FROM sync.outbox WHERE request_id IN ({DUE}) ORDER BY request_id",
-        {"lease": f"{int(LEASE.total_seconds())} seconds", "ids": ids, "limit": limit}).fetchall()
-    cols = ("request_id", "entity", "record_id", "action", "change", "note", "based_on_modified_at", "based_on",
-            "attempts")
-    return [dict(zip(cols, r, strict=True)) for r in rows]
+    rows = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM sync.outbox WHERE request_id IN ({DUE}) "
+                        f"ORDER BY request_id", due_args(limit, ids)).fetchall()
+    return [dict(zip(COLUMNS, r, strict=True)) for r in rows]
 
 
 def finish(conn: psycopg.Connection, request_id: int, state: str, *, error: str | None = None,
@@ -411,5 +411,4 @@ def confirm(conn) -> int:
 
 def pending(dsn: str) -> int:
     with psycopg.connect(dsn) as conn:
-        return conn.execute(f"SELECT count(*) FROM ({DUE}) d",
-                            {"lease": f"{int(LEASE.total_seconds())} seconds", "ids": None, "limit": 1}).fetchone()[0]
+        return conn.execute(f"SELECT count(*) FROM ({DUE}) d", due_args(1, None)).fetchone()[0]
