@@ -238,6 +238,9 @@ class Renderer:
             if not done:
                 self.stop_event.wait(self.interval)
 
+    def pending(self) -> int:
+        return self.store.db.execute("SELECT COUNT(*) FROM prerender_dirty").fetchone()[0]
+
     def step(self) -> int:
         db = self.store.db
         if db.execute("SELECT 1 FROM prerender_dirty LIMIT 1").fetchone() is None:

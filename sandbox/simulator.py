@@ -304,6 +304,9 @@ def mount_control(app, simulator: ChangeSimulator, faults) -> None:
             rates = dict(faults.rates)
         out = {"simulator": simulator.stats(), "faults": injected, "fault_rates": rates,
                "clock_offset_seconds": simulator.domain.store.clock_offset.total_seconds()}
+        renderer = getattr(app.state, "renderer", None)
+        if renderer is not None:
+            out["prerender"] = {"rendered_since_start": renderer.rendered, "pending": renderer.pending()}
         shop = getattr(app.state, "shop", None)
         if shop is not None and shop.max_concurrent:
             out["host"] = {"max_concurrent": shop.max_concurrent, "in_flight": shop.in_flight()}
