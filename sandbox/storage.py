@@ -101,6 +101,17 @@ CREATE INDEX IF NOT EXISTS terms_term ON term_relationships(term_id);
 CREATE INDEX IF NOT EXISTS comments_post ON comments(post_id);
 """
 
+# What list pages filter and sort on, covered so that a count or a sort reads the index only (a page of
+# a 100k-order window otherwise costs seconds in table lookups): WordPress's own wp_posts index
+# type_status_date (post_type, post_status, post_date, ID) (wp-admin/includes/schema.php), and the
+# same for the local-date sort and the GMT modified windows every sync reads.
+LIST_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS posts_type_status_date ON posts(post_type, post_status, post_date, id)",
+    "CREATE INDEX IF NOT EXISTS posts_type_date_status ON posts(post_type, post_date, post_status, id)",
+    "CREATE INDEX IF NOT EXISTS posts_type_modgmt_cover ON posts(post_type, post_modified_gmt, post_status, "
+    "post_modified, id)",
+)
+
 # The lists held in the table of tables (their header rows are the "table of tables" proper).
 LISTS = (
     "ORDER_STATUS", "SUBSCRIPTION_STATUS", "PAYMENT_METHOD", "COUNTRY", "STATE",
@@ -202,6 +213,12 @@ class Store:
 
     def create_indexes(self) -> None:
         self.db.executescript(INDEXES)
+        self.create_list_indexes()
+
+    def create_list_indexes(self) -> None:
+        """Idempotent; on a store generated before them, a few seconds per 100k orders, once."""
+        for sql in LIST_INDEXES:
+            self.db.execute(sql)
 
     # -- options and site time -------------------------------------------------------------
     def option(self, name: str, default: str | None = None) -> str | None:
