@@ -54,7 +54,7 @@ ON CONFLICT (id) DO UPDATE SET number = EXCLUDED.number, status = EXCLUDED.statu
     attribution_source = EXCLUDED.attribution_source, source_modified_at = EXCLUDED.source_modified_at,
     deleted_at = EXCLUDED.deleted_at, landed_run_id = EXCLUDED.landed_run_id, landed_inbox_id = EXCLUDED.landed_inbox_id;
 -- Every field the registry's `mapped` list does not name: kept in the extra table, by path.
-SELECT sync.keep_unmapped('orders', 'crm.sales_order', 'crm.sales_order_extra', 'order_id');
+SELECT sync.keep_unmapped('orders', 'crm.sales_order', 'crm.sales_order_extra_fields', 'order_id');
 
 -- Children are replaced as a whole: an order's lines are part of its document.
 CREATE TEMP TABLE ids ON COMMIT DROP AS SELECT source_key::bigint AS id FROM b;
