@@ -43,6 +43,8 @@ def serve(args: argparse.Namespace) -> None:
     app = create_app(store, faults, stable_sort=args.stable_sort, webhook_delay=args.webhook_delay)
     if args.change_log:
         app.state.domain.changes.listeners.append(change_logger(args.change_log))
+    if args.request_log:
+        app.middleware("http")(request_logger(args.request_log))
     simulator = ChangeSimulator(app.state.domain, args.changes_per_second, seed=args.seed)
     app.state.simulator = simulator
     mount_control(app, simulator, faults)
@@ -72,6 +74,27 @@ def change_logger(path: str):
             out.write(json.dumps({"t": time.time(), "resource": resource, "event": event, "id": record_id}) + "\n")
 
     return log
+
+
+def request_logger(path: str):
+    """Benchmarks and tests count what the store was asked, and when: one JSON line per request (its
+    arrival and answer times, method, path and status), appended as the answer leaves."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+    out = open(path, "a", buffering=1)  # noqa: SIM115 - open for the life of the server
+
+    async def middleware(request, call_next):
+        started = time.time()
+        response = await call_next(request)
+        line = json.dumps({"t0": started, "t1": time.time(), "method": request.method, "path": request.url.path,
+                           "status": response.status_code, "pid": os.getpid()})
+        with lock:
+            out.write(line + "\n")
+        return response
+
+    return middleware
 
 
 def export(args: argparse.Namespace) -> None:
@@ -129,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--webhook-delay", type=float, default=0.5)
     s.add_argument("--log-level", default="warning")
     s.add_argument("--change-log", help="append every change (with its exact time) to this JSON-lines file")
+    s.add_argument("--request-log", help="append every request (arrival, answer, method, path, status) to this "
+                                         "JSON-lines file")
     s.set_defaults(func=serve)
     g = sub.add_parser("generate", help="generate a store file and exit")
     g.add_argument("--size", choices=list(SIZES), default="tiny")
