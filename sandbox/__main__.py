@@ -100,6 +100,8 @@ def build_app(args: argparse.Namespace, db: Path, index: int = 0, shared=None, c
                      public_url=public_url, prerender=args.prerender, shuffle_related=not args.fixed_related)
     if args.change_log:
         app.state.domain.changes.listeners.append(change_logger(args.change_log))
+    if args.request_log:  # outermost: counts what a host's limit refused too
+        app.middleware("http")(request_logger(args.request_log))
     if shared is not None:
         app.state.domain.changes.listeners.append(shared.count_event)
     if index == 0:
@@ -136,6 +138,27 @@ def change_logger(path: str):
             out.write(json.dumps({"t": time.time(), "resource": resource, "event": event, "id": record_id}) + "\n")
 
     return log
+
+
+def request_logger(path: str):
+    """Benchmarks and tests count what the store was asked, and when: one JSON line per request (its
+    arrival and answer times, method, path and status), appended as the answer leaves."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+    out = open(path, "a", buffering=1)  # noqa: SIM115 - open for the life of the server
+
+    async def middleware(request, call_next):
+        started = time.time()
+        response = await call_next(request)
+        line = json.dumps({"t0": started, "t1": time.time(), "method": request.method, "path": request.url.path,
+                           "status": response.status_code, "pid": os.getpid()})
+        with lock:
+            out.write(line + "\n")
+        return response
+
+    return middleware
 
 
 def export(args: argparse.Namespace) -> None:
@@ -206,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="what the host answers past --max-concurrent: 503 (nginx limit_conn) or 429 with Retry-After")
     s.add_argument("--fixed-related", action="store_true",
                    help="kinder than a real store: related_ids in one fixed order (a real store shuffles them per read)")
+    s.add_argument("--request-log", help="append every request (arrival, answer, method, path, status) to this "
+                                         "JSON-lines file")
     s.set_defaults(func=serve)
     g = sub.add_parser("generate", help="generate a store file and exit")
     g.add_argument("--size", choices=list(SIZES), default="tiny")
