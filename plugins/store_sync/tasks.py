@@ -61,23 +61,47 @@ def reconcile_entity(entity_name: str, run_id: str, store_conn_id: str = "store_
     return reconcile_deletes(dsn, StoreApiHook(store_conn_id).get_client(), entity(entity_name), run_id)
 
 
-def backfill_entity(params: dict, run_id: str, store_conn_id: str = "store_api") -> dict:
-    """The backfill DAG's body: validated Params in, counts out."""
-    from store_sync.inbound.backfill import run_backfill
-    from store_sync.registry import entity
+def _moment(value):
+    from datetime import UTC, datetime
+
+    if not value:
+        return None
+    parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def _backfill_client(store_conn_id: str):
     from store_sync.store.hooks import StoreApiHook
 
-    def moment(value):
-        from datetime import UTC, datetime
-
-        if not value:
-            return None
-        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
-
-    dsn = ready_crm()
     hook = StoreApiHook(store_conn_id)
     hook.overrides = hook.backfill_budget()  # backfills spend a smaller budget than live sync
-    return run_backfill(dsn, hook.get_client(), entity(params["entity"]), run_id, since=moment(params.get("since")),
-                        until=moment(params.get("until")), ids=params.get("ids") or None,
-                        chunk_hours=int(params.get("chunk_hours") or 24))
+    return hook.get_client()
+
+
+def plan_backfill(params: dict) -> list[dict]:
+    """The backfill DAG's first task: validated Params in, the slices its mapped task runs out (no store call)."""
+    from store_sync.inbound.backfill import plan_backfill as plan
+    from store_sync.registry import entity
+
+    return plan(entity(params["entity"]), since=_moment(params.get("since")), until=_moment(params.get("until")),
+                ids=params.get("ids") or None, chunk_hours=int(params.get("chunk_hours") or 24))
+
+
+def backfill_slice(part: dict, run_id: str, store_conn_id: str = "store_api") -> dict:
+    """One mapped task of the backfill DAG: one slice of the plan, counts out."""
+    from store_sync.inbound.backfill import run_slice
+    from store_sync.registry import entity
+
+    dsn = ready_crm()
+    return run_slice(dsn, _backfill_client(store_conn_id), entity(part["entity"]), run_id, part)
+
+
+def backfill_entity(params: dict, run_id: str, store_conn_id: str = "store_api") -> dict:
+    """A whole backfill in one process (scripts); the DAG maps ``backfill_slice`` over ``plan_backfill``."""
+    from store_sync.inbound.backfill import run_backfill
+    from store_sync.registry import entity
+
+    dsn = ready_crm()
+    return run_backfill(dsn, _backfill_client(store_conn_id), entity(params["entity"]), run_id,
+                        since=_moment(params.get("since")), until=_moment(params.get("until")),
+                        ids=params.get("ids") or None, chunk_hours=int(params.get("chunk_hours") or 24))
