@@ -7,8 +7,8 @@ window is read in bounded chunks beside live sync: the live watermark does not m
 landed is landed twice, and a killed run resumes at its first unfinished chunk when cleared.
 `plan` cuts the window into chunks; `backfill` is mapped over them (one task instance per chunk,
 at most 256, on any worker), so with the CeleryExecutor the chunks spread over the workers.
-Progress (records done of the expected total, records/s, time left) is in each mapped task's log; counts
-per chunk are in `sync.landing_run`. Backfills use the `store_api_backfill` pool (its slots are how many
+`plan`'s log says how many records the window holds; progress is the mapped tasks done of all (the grid
+view), each one's log has its records/s; counts per chunk are in `sync.landing_run`. Backfills use the `store_api_backfill` pool (its slots are how many
 chunks run at once) and a smaller request budget than live sync.
 """
 

@@ -53,6 +53,8 @@ def serve(args: argparse.Namespace) -> None:
 
         cert, key = ensure_certificate(DATA / "tls")
         ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    if args.request_log:
+        app = request_logger(app, args.request_log)
     scheme = "https" if args.tls else "http"
     print(f"sandbox store ({args.size}, seed {args.seed}, tz {store.tz}) at {scheme}://{args.host}:{args.port}"
           f"/wp-json/wc/v3  db={db}  changes/s={args.changes_per_second}  faults={args.faults or 'none'}", flush=True)
@@ -72,6 +74,34 @@ def change_logger(path: str):
             out.write(json.dumps({"t": time.time(), "resource": resource, "event": event, "id": record_id}) + "\n")
 
     return log
+
+
+def request_logger(app, path: str):
+    """Every request the store answered, with its time: a test can check the request budget in total
+    (over every process and worker that called), as a shop's access log would show it."""
+    import time
+
+    out = open(path, "a", buffering=1)  # noqa: SIM115 - open for the life of the server
+
+    async def logged(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        started, status = time.time(), [0]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_status)
+        finally:
+            # One short line per write, in append mode: lines from several server processes do not mix.
+            out.write(json.dumps({"t": round(started, 3), "method": scope["method"], "path": scope["path"],
+                                  "status": status[0]}) + "\n")
+
+    logged.state = app.state  # what the rest of serve() reads from the app
+    return logged
 
 
 def export(args: argparse.Namespace) -> None:
@@ -129,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--webhook-delay", type=float, default=0.5)
     s.add_argument("--log-level", default="warning")
     s.add_argument("--change-log", help="append every change (with its exact time) to this JSON-lines file")
+    s.add_argument("--request-log", help="append every request answered (time, method, path, status) to this "
+                                         "JSON-lines file")
     s.set_defaults(func=serve)
     g = sub.add_parser("generate", help="generate a store file and exit")
     g.add_argument("--size", choices=list(SIZES), default="tiny")

@@ -78,13 +78,27 @@ def _backfill_client(store_conn_id: str):
     return hook.get_client()
 
 
-def plan_backfill(params: dict) -> list[dict]:
-    """The backfill DAG's first task: validated Params in, the slices its mapped task runs out (no store call)."""
+def plan_backfill(params: dict, store_conn_id: str = "store_api") -> list[dict]:
+    """The backfill DAG's first task: validated Params in, the slices its mapped task runs out; logs how
+    many records the window holds (one count per status filter)."""
+    import logging
+    from datetime import datetime
+
+    from store_sync.inbound.backfill import expected_records
     from store_sync.inbound.backfill import plan_backfill as plan
     from store_sync.registry import entity
 
-    return plan(entity(params["entity"]), since=_moment(params.get("since")), until=_moment(params.get("until")),
-                ids=params.get("ids") or None, chunk_hours=int(params.get("chunk_hours") or 24))
+    spec = entity(params["entity"])
+    slices = plan(spec, since=_moment(params.get("since")), until=_moment(params.get("until")),
+                  ids=params.get("ids") or None, chunk_hours=int(params.get("chunk_hours") or 24))
+    if slices[0].get("windows"):
+        since, until = (datetime.fromisoformat(slices[0]["windows"][0][0]),
+                        datetime.fromisoformat(slices[-1]["windows"][-1][1]))
+        chunks = sum(len(s["windows"]) for s in slices)
+        logging.getLogger(__name__).info(
+            "backfill %s: %d chunks in %d tasks, about %d records", spec.name, chunks, len(slices),
+            expected_records(_backfill_client(store_conn_id), spec, since, until))
+    return slices
 
 
 def backfill_slice(part: dict, run_id: str, store_conn_id: str = "store_api") -> dict:
