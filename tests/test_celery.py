@@ -63,14 +63,16 @@ def checksum(pairs) -> str:
     return hashlib.md5("\n".join(f"{k}:{h}" for k, h in sorted(pairs)).encode()).hexdigest()
 
 
-def busiest_second(times: list[float]) -> int:
-    """The most requests the store saw in any one-second window (sliding, not aligned to the clock)."""
-    times, most, lo = sorted(times), 0, 0
+def busiest_second(times: list[float]) -> tuple[int, float]:
+    """The most requests the store saw in any one-second window (sliding, not aligned to the clock),
+    and when that window began."""
+    times, most, at, lo = sorted(times), 0, 0.0, 0
     for hi, t in enumerate(times):
         while times[lo] <= t - 1.0:
             lo += 1
-        most = max(most, hi - lo + 1)
-    return most
+        if hi - lo + 1 > most:
+            most, at = hi - lo + 1, times[lo]
+    return most, at
 
 
 @pytest.fixture
@@ -178,13 +180,16 @@ def test_backfill_split_across_two_celery_workers_beside_live_sync(tmp_path, dat
 
         # The store's budget, counted where it matters: at the store, over every process that called
         # (the test's own edits left out).
-        times = [r["t"] for r in map(json.loads, requests_log.read_text().splitlines())
-                 if r["path"].startswith("/wp-json") and r["method"] != "PUT" and started <= r["t"] <= ended]
-        busiest = busiest_second(times)
-        mean = len(times) / (ended - started)
-        print(f"store requests: {len(times)} in {ended - started:.0f}s ({mean:.1f}/s); busiest second {busiest} "
+        served = [r for r in map(json.loads, requests_log.read_text().splitlines())
+                  if r["path"].startswith("/wp-json") and r["method"] != "PUT" and started <= r["t"] <= ended]
+        busiest, at = busiest_second([r["t"] for r in served])
+        mean = len(served) / (ended - started)
+        print(f"store requests: {len(served)} in {ended - started:.0f}s ({mean:.1f}/s); busiest second {busiest} "
               f"(budget {BUDGET}/s for all processes together)")
-        assert busiest <= BUDGET + 1, f"{busiest} requests in one second against a budget of {BUDGET}/s in total"
+        burst = sorted(r["path"].removeprefix("/wp-json/wc/v3/") for r in served if at <= r["t"] < at + 1)
+        # A token bucket at BUDGET/s lets BUDGET + 1 requests into a window that starts on one of them.
+        assert busiest <= BUDGET + 1, f"{busiest} requests in one second against a budget of {BUDGET}/s in total: {burst}"
+        assert mean <= BUDGET
     finally:
         if stack:
             stack.stop()
