@@ -116,8 +116,8 @@ def one_run(pg: EmbeddedPostgres, sandbox: SandboxProcess, requests_log: Path, w
     by_worker: dict[str, int] = {}
     for (hostname,) in chunks:
         by_worker[(hostname or "?").split("@")[0]] = by_worker.get((hostname or "?").split("@")[0], 0) + 1
-    served = [r["t"] for r in map(json.loads, requests_log.read_text().splitlines())
-              if r["path"].startswith("/wp-json") and started <= r["t"] <= ended]
+    served = [r["t0"] for r in map(json.loads, requests_log.read_text().splitlines())
+              if r["path"].startswith("/wp-json") and started <= r["t0"] <= ended]
     return {"workers": workers, "state": state, "seconds": ended - started, "orders": len(hashes),
             "chunks": by_worker, "slots": slots, "requests": len(served), "busiest": busiest_second(served),
             "checksum": checksum(hashes)}

@@ -17,10 +17,12 @@ LIVE_POOL = "store_api"
 BACKFILL_POOL = "store_api_backfill"
 TRANSFORM_POOL = "crm_transform"
 FETCH_POOL = "store_api_fetch"
+MAINTENANCE_POOL = "airflow_maintenance"
 # The backfill pool's slots are how many backfill chunks run at once (on any worker).
 POOLS = {LIVE_POOL: (4, "store API calls of live sync"), BACKFILL_POOL: (2, "store API calls of backfills"),
          TRANSFORM_POOL: (1, "CRM transforms (one writer at a time)"),
-         FETCH_POOL: (1, "store API calls of fetch on demand (sync.fetch_request)")}
+         FETCH_POOL: (1, "store API calls of fetch on demand (sync.fetch_request)"),
+         MAINTENANCE_POOL: (1, "Airflow metadata cleanup (airflow db clean)")}
 # Below every other task (Airflow's default weight is 1) when executor slots are short.
 FETCH_PRIORITY = 0
 
@@ -36,6 +38,7 @@ class Tag:
     OUTBOX = "outbox"
     WEBHOOKS = "webhooks"
     ON_DEMAND = "on-demand"
+    MAINTENANCE = "maintenance"
 
 
 def inbox_asset_name(entity: str) -> str:

@@ -55,15 +55,13 @@ class FetchOnDemandOperator(BaseOperator):
 
     def _drain(self, context, reason: str) -> dict:
         from store_sync.outbound.fetch_queue import drain, fetch_settings
-        from store_sync.store.client import RequestBudget
         from store_sync.store.hooks import StoreApiHook
         from store_sync.tasks import crm_dsn
 
         hook = StoreApiHook(self.store_conn_id)
         # A share of the store's budget of its own, smaller than live sync's: the shoppers come first.
         hook.overrides = {
-            "budget": RequestBudget(hook.extra_number("fetch_requests_per_second", 1, minimum=0.01),
-                                    hook.extra_number("fetch_max_in_flight", 1, kind=int, minimum=1)),
+            **hook.lane_budget("fetch"),  # the store's shared budget, lane fetch (fetch_requests_per_second...)
             "max_retries": hook.extra_number("fetch_max_retries", 3, kind=int, minimum=0)}
         self.log.info("fetch on demand: %s; draining", reason)
         counts = drain(crm_dsn(), hook.get_client(), context["dag_run"].run_id, fetch_settings())

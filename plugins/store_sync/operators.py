@@ -55,7 +55,10 @@ class LandStoreChangesOperator(BaseOperator):
             entity=self.entity, cursor=cursor.strftime("%Y-%m-%dT%H:%M:%S") if cursor else None,
             store_conn_id=self.store_conn_id, poll_seconds=float(extra.get("poll_seconds", spec.poll_seconds)),
             max_quiet_seconds=float(extra.get("max_quiet_seconds", spec.max_quiet_seconds)),
-            state={**{k: state.get(k) for k in ("max_id", "orders_inbox_id", "webhook_event_id", "last_scan")},
+            quiet_after_seconds=float(extra.get("quiet_after_seconds", spec.quiet_after_seconds)),
+            quiet_poll_seconds=float(extra.get("quiet_poll_seconds", spec.quiet_poll_seconds)),
+            state={**{k: state.get(k) for k in ("max_id", "orders_inbox_id", "webhook_event_id", "last_scan",
+                                                "scan_next_at", "last_change_at")},
                    "scan_every_minutes": float(extra.get("scan_every_minutes", spec.scan_every_minutes))})
 
     def execute(self, context) -> Any:
@@ -79,6 +82,10 @@ class LandStoreChangesOperator(BaseOperator):
         self.log.info("%s: %s; landing", self.entity, reason)
         counts = land_entity(self.entity, context["dag_run"].run_id, store_conn_id=self.store_conn_id)
         self.log.info("%s: %s", self.entity, counts)
+        if counts.get("landed"):
+            from store_sync.triggers import note_change
+
+            note_change(self.entity, context["dag_run"].run_id)  # the triggers poll fast again
         return counts
 
 

@@ -37,6 +37,10 @@ class Entity:
     scan_every_minutes: int = 10
     reconcile_every_minutes: int = 60
     max_quiet_seconds: float = 300
+    quiet_after_seconds: float = 300  # no change for this long: poll every quiet_poll_seconds instead
+    quiet_poll_seconds: float = 20
+    scan_share: float = 0.1  # id_scan: the rolling scan's share of the live request budget
+    scan_pages_per_cycle: int = 100  # id_scan: at most this many scan pages in one cycle
     mapped: tuple = ()  # field patterns the transform maps ("billing.city", "line_items[].id")
 
     def field_map(self) -> dict[str, str]:

@@ -6,7 +6,8 @@ from store_sync.crm.database import check_reachable
 from store_sync.crm.database import crm_dsn as _crm_dsn
 
 # What the Variable store_sync_overrides may change per entity at run time ("*" applies to all).
-TUNABLE = ("poll_seconds", "max_quiet_seconds", "per_page", "overlap_seconds", "settle_seconds", "scan_every_minutes")
+TUNABLE = ("poll_seconds", "max_quiet_seconds", "per_page", "overlap_seconds", "settle_seconds", "scan_every_minutes",
+           "quiet_after_seconds", "quiet_poll_seconds", "scan_share", "scan_pages_per_cycle")
 
 
 def overrides(entity: str) -> dict:
@@ -45,7 +46,8 @@ def land_entity(entity_name: str, run_id: str, mode: str = "live", store_conn_id
 
     spec = entity(entity_name)
     tweaks = {k: v for k, v in overrides(entity_name).items() if k in ("per_page", "overlap_seconds", "settle_seconds",
-                                                                     "scan_every_minutes")}
+                                                                     "scan_every_minutes", "scan_share",
+                                                                     "scan_pages_per_cycle")}
     if tweaks:
         spec = dataclasses.replace(spec, **tweaks)
     dsn = ready_crm()
@@ -92,6 +94,7 @@ def plan_backfill(params: dict, store_conn_id: str = "store_api") -> list[dict]:
     slices = plan(spec, since=_moment(params.get("since")), until=_moment(params.get("until")),
                   ids=params.get("ids") or None, chunk_hours=int(params.get("chunk_hours") or 24))
     if slices[0].get("windows"):
+        ready_crm()  # the store's shared request budget lives in the CRM database
         since, until = (datetime.fromisoformat(slices[0]["windows"][0][0]),
                         datetime.fromisoformat(slices[-1]["windows"][-1][1]))
         chunks = sum(len(s["windows"]) for s in slices)

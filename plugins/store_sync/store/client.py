@@ -6,9 +6,9 @@
 * Retries 429, 5xx, timeouts, connection errors and non-JSON bodies with exponential backoff and
   jitter, honouring ``Retry-After``; never retries 400/401/403/404/410/413/501, which fail at once with
   the store's own code and message.
-* Every request spends the shared ``RequestBudget`` (requests per second + in-flight cap) of its
-  store, so all tasks in a process together stay within what the shop can bear; 429s and 5xx halve
-  the rate, successes win it back slowly.
+* Every request spends its store's budget (requests per second + in-flight cap): the hook gives one
+  shared by every process through the CRM database (``budget.py``); without one (tests, scripts) it
+  is ``RequestBudget``, this process's own. 429s and 5xx halve the rate, successes win it back slowly.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class StoreUnavailable(StoreApiError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Budget shared by every client of one store in this process
+# Budget shared by every client of one store in this process (budget.py shares one across processes)
 # ---------------------------------------------------------------------------------------------
 class RequestBudget:
     """Token bucket (requests per second) + semaphore (requests in flight), with AIMD on trouble."""

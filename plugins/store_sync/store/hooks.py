@@ -10,8 +10,13 @@ Connection (``AIRFLOW_CONN_STORE_API``, a secrets backend or the UI; type HTTP):
 * extra (all optional; strings such as ``"false"`` or ``"5"`` are understood):
   ``requests_per_second`` (5), ``max_in_flight`` (3), ``timeout`` (30), ``max_retries`` (6),
   ``verify`` (true, false, or a CA bundle path), ``query_string_auth`` (false), ``api_path``
-  (``/wp-json/wc/v3``), ``backfill_requests_per_second`` (2), ``backfill_max_in_flight`` (1), and for
-  webhooks ``webhook_url`` (the public URL of the Airflow api-server) and ``webhook_secret``.
+  (``/wp-json/wc/v3``), ``backfill_requests_per_second`` (2), ``backfill_max_in_flight`` (1),
+  ``fetch_requests_per_second`` (1), ``fetch_max_in_flight`` (1), ``store_requests_per_second`` and
+  ``store_max_in_flight`` (all lanes together; by default the largest lane's), and for webhooks
+  ``webhook_url`` (the public URL of the Airflow api-server) and ``webhook_secret``.
+
+The request budget is one per store, shared by every process through the CRM database
+(``store/budget.py``); with no CRM configured at all (a bare script) it is this process's own.
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ from store_sync.store.config import FALSE, TRUE, ConfigError, as_bool, as_number
 
 log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+# The request budget's lanes: a name and its default limits (requests per second, in flight), read from
+# the extras ``<lane>_requests_per_second`` / ``<lane>_max_in_flight`` (live: without the prefix).
+# A new lane is a line here; ``budget.py`` says how the lanes share the store.
+LANES: dict[str, tuple[float, int]] = {"live": (5, 3), "backfill": (2, 1), "fetch": (1, 1)}
 
 
 class StoreApiHook(BaseHook):
@@ -75,8 +85,47 @@ class StoreApiHook(BaseHook):
 
     def backfill_budget(self) -> dict[str, Any]:
         """Backfills spend a smaller budget than live sync: the shoppers come first."""
-        return {"requests_per_second": self.extra_number("backfill_requests_per_second", 2, minimum=0.01),
-                "max_in_flight": self.extra_number("backfill_max_in_flight", 1, kind=int, minimum=1)}
+        return self.lane_budget("backfill")
+
+    def lane_budget(self, lane: str) -> dict[str, Any]:
+        """Overrides that put this hook's client in ``lane`` (a name of ``LANES``) with its limits."""
+        limits = self.lane_limits(lane)
+        return {"lane": lane, "requests_per_second": limits.requests_per_second, "max_in_flight": limits.max_in_flight}
+
+    def lane_limits(self, lane: str):
+        from store_sync.store.budget import Lane
+
+        if lane not in LANES:
+            raise ConfigError(f"unknown request budget lane {lane!r}; the lanes are {', '.join(LANES)}")
+        rps, in_flight = LANES[lane]
+        prefix = "" if lane == "live" else f"{lane}_"
+        return Lane(lane, self.extra_number(f"{prefix}requests_per_second", rps, minimum=0.01),
+                    self.extra_number(f"{prefix}max_in_flight", in_flight, kind=int, minimum=1))
+
+    def store_limits(self):
+        """All lanes together: the extras ``store_*``, by default the largest lane's own limits."""
+        from store_sync.store.budget import Lane
+
+        lanes = [self.lane_limits(name) for name in LANES]
+        return Lane("*", self.extra_number("store_requests_per_second", max(x.requests_per_second for x in lanes),
+                                           minimum=0.01),
+                    self.extra_number("store_max_in_flight", max(x.max_in_flight for x in lanes), kind=int, minimum=1))
+
+    def request_budget(self, url: str, lane: str, requests_per_second: float, max_in_flight: int, timeout: float):
+        """The store's shared budget for ``lane``, kept in the CRM database; this process's own when no
+        CRM is configured at all (a bare script, said in the log)."""
+        from store_sync.crm.database import CrmNotConfigured, crm_dsn
+        from store_sync.store.budget import Lane, store_budget
+        from store_sync.store.client import shared_budget
+
+        try:
+            dsn = crm_dsn()
+        except CrmNotConfigured:
+            log.warning("store %s: no CRM database configured, so the request budget is this process's own; "
+                        "other processes and workers do not share it", url)
+            return shared_budget(f"{url}#{lane}", requests_per_second, max_in_flight)
+        return store_budget(dsn, url, Lane(lane, requests_per_second, max_in_flight), self.store_limits(),
+                            timeout=timeout)
 
     def _verify(self) -> bool | str:
         value = self.connection.extra_dejson.get("verify", True)
@@ -103,12 +152,22 @@ class StoreApiHook(BaseHook):
             if url.startswith("http://") and host not in LOOPBACK:
                 log.warning("store connection %r says plain HTTP (%s): requests are signed but travel unencrypted; "
                             "write https:// in the host for a shop on the internet", self.store_conn_id, url)
-            self._client = StoreClient(url, conn.login or "", conn.password or "",
-                                       **{**self.client_options(), **self.overrides})
+            options = {**self.client_options(), **self.overrides}
+            lane = options.pop("lane", "live")
+            if lane != "live" and "requests_per_second" not in self.overrides:
+                options.update({k: v for k, v in self.lane_budget(lane).items() if k != "lane"})
+            if options.get("budget") is None:
+                options["budget"] = self.request_budget(url, lane, options["requests_per_second"],
+                                                        options["max_in_flight"], options["timeout"])
+            self._client = StoreClient(url, conn.login or "", conn.password or "", **options)
         return self._client
 
     def test_connection(self) -> tuple[bool, str]:
         try:
+            # one request from the UI's Test button: a budget of its own, so it works before the CRM does
+            from store_sync.store.client import RequestBudget
+
+            self.overrides = {**self.overrides, "budget": RequestBudget(1, 1)}
             env = self.get_client().check()
         except Exception as exc:  # the client's messages carry no key, secret or signed query
             return False, str(exc)
