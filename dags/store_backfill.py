@@ -5,9 +5,11 @@ Trigger it from the Airflow UI with the form: pick the **entity**, a window **si
 (UTC; `until` empty means now), or a list of **ids** to refresh, and the **chunk size**. The
 window is read in bounded chunks beside live sync: the live watermark does not move, nothing already
 landed is landed twice, and a killed run resumes at its first unfinished chunk when cleared.
-Progress (records done of the expected total, records/s, time left) is in the task log; counts per
-chunk are in `sync.landing_run`. Backfills use the `store_api_backfill` pool (1 slot) and a smaller
-request budget than live sync.
+`plan` cuts the window into chunks; `backfill` is mapped over them (one task instance per chunk,
+at most 256, on any worker), so with the CeleryExecutor the chunks spread over the workers.
+`plan`'s log says how many records the window holds; progress is the mapped tasks done of all (the grid
+view), each one's log has its records/s; counts per chunk are in `sync.landing_run`. Backfills use the `store_api_backfill` pool (its slots are how many
+chunks run at once) and a smaller request budget than live sync.
 """
 
 from __future__ import annotations
@@ -38,12 +40,22 @@ DATE_TIME = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d
      })
 def store_backfill():
     @task(pool=BACKFILL_POOL)
-    def backfill(params=None, dag_run=None) -> dict:
-        from store_sync.tasks import backfill_entity
+    def plan(params=None) -> list[dict]:
+        from store_sync.tasks import plan_backfill
 
-        return backfill_entity(dict(params), dag_run.run_id)
+        return plan_backfill(dict(params))
 
-    backfill()
+    # The map index shows the chunk's window in the UI instead of a bare number.
+    @task(pool=BACKFILL_POOL, map_index_template="{{ backfill_chunk }}")
+    def backfill(part: dict, dag_run=None) -> dict:
+        from airflow.sdk import get_current_context
+
+        from store_sync.tasks import backfill_slice
+
+        get_current_context()["backfill_chunk"] = part["label"]
+        return backfill_slice(part, dag_run.run_id)
+
+    backfill.expand(part=plan())
 
 
 store_backfill()

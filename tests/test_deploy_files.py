@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import ast
 import configparser
 import re
+import shlex
 
 import yaml
 
+from store_sync.dag_defaults import POOLS
 from tests.helpers import REPO
 
+WORKERS = {"airflow-worker-1", "airflow-worker-2"}
 AIRFLOW_SERVICES = {"airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
-                    "airflow-worker", "airflow-init"}
+                    "airflow-init"} | WORKERS
 
 
 def compose() -> dict:
@@ -23,7 +27,70 @@ def test_compose_has_airflow_33_layout_plus_crm_and_sandbox():
     commands = {name: services[name].get("command") for name in AIRFLOW_SERVICES - {"airflow-init"}}
     assert commands == {"airflow-apiserver": "api-server", "airflow-scheduler": "scheduler",
                         "airflow-dag-processor": "dag-processor", "airflow-triggerer": "triggerer",
-                        "airflow-worker": "celery worker"}
+                        **dict.fromkeys(WORKERS, "celery worker")}
+
+
+def test_compose_runs_the_celery_executor_with_two_workers_redis_and_results_in_postgres():
+    services = compose()["services"]
+    for name in AIRFLOW_SERVICES:
+        env = services[name]["environment"]
+        assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor", name
+        assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://") and "@redis:" in env["AIRFLOW__CELERY__BROKER_URL"]
+        assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql")
+        assert "@airflow-db/" in env["AIRFLOW__CELERY__RESULT_BACKEND"]
+    # Two workers that tell themselves apart (Celery's node name and the task instances' hostname).
+    assert len({services[n]["hostname"] for n in WORKERS}) == 2
+    for name in AIRFLOW_SERVICES - {"airflow-init"}:
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
+        assert services[name]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully", name
+
+
+def test_compose_creates_every_pool_the_dags_use():
+    command = compose()["services"]["airflow-init"]["command"]
+    script = command[-1] if isinstance(command, list) else command
+    pools = {}
+    for step in script.split("&&"):
+        words = shlex.split(step)
+        if words[:3] == ["airflow", "pools", "set"]:
+            pools[words[3]] = (int(words[4]), words[5])
+    assert pools == POOLS
+
+
+def test_compose_image_installs_requirements_txt():
+    common = compose()["x-airflow-common"]
+    assert common["build"] == "."
+    text = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM apache/airflow:3\.3\.\d+-python3\.11$", text, re.M)
+    assert re.search(r"^COPY requirements\.txt ", text, re.M) and re.search(r"pip install .*-r \S*requirements\.txt", text)
+    # Every Airflow service runs that image (the sandbox store too), not the bare official one.
+    for name, service in compose()["services"].items():
+        if name in AIRFLOW_SERVICES | {"sandbox-store"}:
+            assert service["image"] == common["image"] and "build" in service, name
+
+
+def test_requirements_txt_holds_every_package_the_dags_and_the_package_import():
+    import sys
+    from importlib.metadata import packages_distributions
+
+    pinned = {re.split(r"[=<>\[ ]", line)[0].lower().replace("_", "-")
+              for line in (REPO / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")}
+    own = {"store_sync", "sandbox", "tests"} | {p.stem for p in (REPO / "dags").glob("*.py")}
+    owners = packages_distributions()
+    missing = set()
+    for folder in ("dags", "plugins", "sandbox", "include"):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    names = [node.module]
+                else:
+                    continue
+                for top in {n.split(".")[0] for n in names} - own - set(sys.stdlib_module_names):
+                    dists = {d.lower().replace("_", "-") for d in owners.get(top, [])}
+                    if not dists & pinned:
+                        missing.add(f"{path.relative_to(REPO)}: {top} ({', '.join(sorted(dists)) or 'not installed'})")
+    assert not missing, f"imported but not pinned in requirements.txt: {sorted(missing)}"
 
 
 def test_every_image_is_pinned():

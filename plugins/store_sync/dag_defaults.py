@@ -18,7 +18,8 @@ BACKFILL_POOL = "store_api_backfill"
 TRANSFORM_POOL = "crm_transform"
 FETCH_POOL = "store_api_fetch"
 MAINTENANCE_POOL = "airflow_maintenance"
-POOLS = {LIVE_POOL: (4, "store API calls of live sync"), BACKFILL_POOL: (1, "store API calls of backfills"),
+# The backfill pool's slots are how many backfill chunks run at once (on any worker).
+POOLS = {LIVE_POOL: (4, "store API calls of live sync"), BACKFILL_POOL: (2, "store API calls of backfills"),
          TRANSFORM_POOL: (1, "CRM transforms (one writer at a time)"),
          FETCH_POOL: (1, "store API calls of fetch on demand (sync.fetch_request)"),
          MAINTENANCE_POOL: (1, "Airflow metadata cleanup (airflow db clean)")}

