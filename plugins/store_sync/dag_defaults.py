@@ -39,3 +39,8 @@ class Tag:
 
 def inbox_asset_name(entity: str) -> str:
     return f"crm_inbox_{entity}"
+
+
+def inbox_alias_name(entity: str) -> str:
+    """The watch task's outlet: it adds the inbox Asset only when rows are left for crm_transform."""
+    return f"crm_inbox_{entity}_pending"
