@@ -41,7 +41,7 @@ class LandStoreChangesOperator(BaseOperator):
         super().__init__(**kwargs)
         self.entity, self.store_conn_id, self.deferrable = entity, store_conn_id, deferrable
 
-    def _trigger(self, migrate_first: bool = True) -> StoreChangeTrigger:
+    def _trigger(self, migrate_first: bool = True, extra: dict | None = None) -> StoreChangeTrigger:
         import psycopg
 
         from store_sync.crm.migrations import migrate
@@ -55,7 +55,7 @@ class LandStoreChangesOperator(BaseOperator):
             migrate(dsn)
         with psycopg.connect(dsn) as conn:
             cursor, state = get_watermark(conn, self.entity)
-        extra = overrides(self.entity)
+        extra = overrides(self.entity) if extra is None else extra
         return StoreChangeTrigger(
             entity=self.entity, cursor=cursor.strftime("%Y-%m-%dT%H:%M:%S") if cursor else None,
             store_conn_id=self.store_conn_id, poll_seconds=float(extra.get("poll_seconds", spec.poll_seconds)),
@@ -84,15 +84,16 @@ class LandStoreChangesOperator(BaseOperator):
         from airflow.sdk import Asset, AssetAlias
 
         from store_sync.dag_defaults import inbox_alias_name, inbox_asset_name
-        from store_sync.tasks import land_and_apply, setting
+        from store_sync.tasks import land_and_apply, ready_crm, setting
 
         stay, run_id = setting(self.entity, "stay_while_busy_seconds"), context["dag_run"].run_id
-        started, cycle, landed = time.monotonic(), 1, 0
+        started, cycle, landed, dsn = time.monotonic(), 1, 0, ready_crm()
         while True:
             self.log.info("%s: %s; landing", self.entity, reason)
             cycle_started = time.time()
             # Each cycle its own sync.landing_run row: "<run id>~2" is the run's second cycle.
-            counts = land_and_apply(self.entity, run_id if cycle == 1 else f"{run_id}~{cycle}", self.store_conn_id)
+            counts = land_and_apply(self.entity, run_id if cycle == 1 else f"{run_id}~{cycle}", self.store_conn_id,
+                                    dsn=dsn)
             landed += counts["landed"]
             self.log.info("%s: %s", self.entity, counts)
             if counts["work_left"] or not counts["landed"] or time.monotonic() - started >= stay:
@@ -112,14 +113,15 @@ class LandStoreChangesOperator(BaseOperator):
 
         from store_sync.registry import entity as registry_entity
         from store_sync.store.hooks import StoreApiHook
-        from store_sync.tasks import setting
+        from store_sync.tasks import overrides, setting
 
-        quiet_until = min(until, time.monotonic() + setting(self.entity, "busy_quiet_seconds"))
-        poll, spec = setting(self.entity, "poll_seconds"), registry_entity(self.entity)
+        extra = overrides(self.entity)
+        quiet_until = min(until, time.monotonic() + setting(self.entity, "busy_quiet_seconds", extra))
+        poll, spec = setting(self.entity, "poll_seconds", extra), registry_entity(self.entity)
         client = StoreApiHook(self.store_conn_id).get_client()
         polls = 0
         while time.monotonic() < quiet_until:
-            reason = self._trigger(migrate_first=False).check(client, spec, polls)
+            reason = self._trigger(migrate_first=False, extra=extra).check(client, spec, polls)
             if reason:
                 # A window ends at the last whole second: one landed in the second it started would find
                 # nothing new, so the next one starts in a later second.
