@@ -100,13 +100,13 @@ def main() -> int:
                                          "cursor_at IS NOT NULL", (tracked,)).fetchone()[0]
             except psycopg.Error:
                 ready = 0
-            if ready == len(tracked):
+            if ready == len(tracked) and caught_up(crm):
                 break
             if time.time() > deadline:
                 raise RuntimeError("the initial load did not finish in 10 minutes")
             time.sleep(2)
         start = time.time()
-        print(f"initial load done in {start - t0:.0f}s; measuring {args.changes} changes at {args.rate}/s…", flush=True)
+        print(f"initial load done (in the CRM too) in {start - t0:.0f}s; measuring {args.changes} changes at {args.rate}/s…", flush=True)
         changes: list[dict] = []
         while len(changes) < args.changes:
             time.sleep(2)
@@ -157,6 +157,14 @@ class Sample:
     inbox: float | None  # change -> its inbox row
     land_start: float | None  # change -> start of the landing that took it
     crm: float | None  # change -> its CRM row (the inbox row applied by a transform)
+
+
+def caught_up(crm: str) -> bool:
+    """The initial load is in the CRM too: no inbox row has waited for a transform for more than 5 s."""
+    with psycopg.connect(crm) as conn:
+        return not conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM inbox.record r WHERE applied_at IS NULL AND received_at < now() - interval '5 s' "
+            "AND NOT EXISTS (SELECT 1 FROM sync.transform_quarantine q WHERE q.inbox_id = r.inbox_id))").fetchone()[0]
 
 
 def plotting():

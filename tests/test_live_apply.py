@@ -131,3 +131,24 @@ def test_newest_wins_when_both_paths_apply(dagbag, wired, sandbox_factory, monke
     assert dagbag.get_dag("crm_transform").test().state == "success"  # then the older one, late
     assert crm_order(dsn, order_id) == newer, "an older version never applies over a newer one"
     assert unapplied(dsn) == 0, "the older version is settled (applied, dropped as older)"
+
+
+def test_a_landing_does_not_wait_behind_a_long_transform(dagbag, wired, sandbox_factory, monkeypatch):
+    from store_sync.crm.transform import BATCH_LOCK
+
+    sandbox = sandbox_factory(size="tiny", seed=25)
+    dsn = wired(sandbox)
+    overrides(monkeypatch, live_apply_lock_wait_seconds=0.5)
+    first_load(dagbag, dsn)
+    events = inbox_events("orders")
+    order_id = change_status(sandbox.client(), "processing", "completed")
+    time.sleep(1.1)
+    with psycopg.connect(dsn) as transform_running:  # a long crm_transform batch holds the lock meanwhile
+        transform_running.execute(BATCH_LOCK)
+        # Were the landing to queue for the lock, this would never return: the lock is let go after it.
+        assert dagbag.get_dag("store_watch_orders").test().state == "success"
+        assert crm_order(dsn, order_id)[0] == "processing" and unapplied(dsn) >= 1
+        transform_running.rollback()
+    assert inbox_events("orders") == events + 1, "the landed rows are announced to crm_transform instead"
+    assert dagbag.get_dag("crm_transform").test().state == "success"
+    assert crm_order(dsn, order_id)[0] == "completed"

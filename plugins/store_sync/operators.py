@@ -84,21 +84,23 @@ class LandStoreChangesOperator(BaseOperator):
         from airflow.sdk import Asset, AssetAlias
 
         from store_sync.dag_defaults import inbox_alias_name, inbox_asset_name
-        from store_sync.tasks import land_and_apply, ready_crm, setting
+        from store_sync.tasks import land_and_apply, overrides, ready_crm, setting
 
-        stay, run_id = setting(self.entity, "stay_while_busy_seconds"), context["dag_run"].run_id
+        # Read once per task: every cycle of this run uses them (a change applies from the next run on).
+        extra, run_id = overrides(self.entity), context["dag_run"].run_id
+        stay = setting(self.entity, "stay_while_busy_seconds", extra)
         started, cycle, landed, dsn = time.monotonic(), 1, 0, ready_crm()
         while True:
             self.log.info("%s: %s; landing", self.entity, reason)
             cycle_started = time.time()
             # Each cycle its own sync.landing_run row: "<run id>~2" is the run's second cycle.
             counts = land_and_apply(self.entity, run_id if cycle == 1 else f"{run_id}~{cycle}", self.store_conn_id,
-                                    dsn=dsn)
+                                    dsn=dsn, tweaks=extra)
             landed += counts["landed"]
             self.log.info("%s: %s", self.entity, counts)
             if counts["work_left"] or not counts["landed"] or time.monotonic() - started >= stay:
                 break
-            reason = self._busy(started + stay, cycle_started)
+            reason = self._busy(started + stay, cycle_started, extra)
             if not reason:
                 break
             cycle += 1
@@ -106,16 +108,15 @@ class LandStoreChangesOperator(BaseOperator):
             context["outlet_events"][AssetAlias(inbox_alias_name(self.entity))].add(Asset(inbox_asset_name(self.entity)))
         return {**counts, "cycles": cycle, "landed_in_all_cycles": landed}
 
-    def _busy(self, until: float, last_cycle_started: float) -> str | None:
+    def _busy(self, until: float, last_cycle_started: float, extra: dict) -> str | None:
         """While the store is busy: a change within ``busy_quiet_seconds`` (checked every ``poll_seconds``)
         is landed by this task at once; None once the store was quiet that long (or ``until`` passed)."""
         import time
 
         from store_sync.registry import entity as registry_entity
         from store_sync.store.hooks import StoreApiHook
-        from store_sync.tasks import overrides, setting
+        from store_sync.tasks import setting
 
-        extra = overrides(self.entity)
         quiet_until = min(until, time.monotonic() + setting(self.entity, "busy_quiet_seconds", extra))
         poll, spec = setting(self.entity, "poll_seconds", extra), registry_entity(self.entity)
         client = StoreApiHook(self.store_conn_id).get_client()

@@ -62,10 +62,12 @@ def setting(entity_name: str, name: str, tweaks: dict | None = None) -> float:
     return float((overrides(entity_name) if tweaks is None else tweaks).get(name, getattr(entity(entity_name), name)))
 
 
-def land_and_apply(entity_name: str, run_id: str, store_conn_id: str = "store_api", dsn: str | None = None) -> dict:
+def land_and_apply(entity_name: str, run_id: str, store_conn_id: str = "store_api", dsn: str | None = None,
+                   tweaks: dict | None = None) -> dict:
     """One live cycle, and the CRM transform of what it landed when that is at most ``live_apply_max_rows``
     rows (``store_sync.crm.live_apply``); ``work_left`` says whether ``crm_transform`` has work.
-    ``dsn``: the CRM, already checked and migrated by an earlier cycle of the same task."""
+    ``dsn``: the CRM, already checked and migrated by an earlier cycle of the same task; ``tweaks``: the
+    overrides that task read (in a task each read is a call to the api-server)."""
     import psycopg
 
     from store_sync.crm import live_apply
@@ -74,7 +76,7 @@ def land_and_apply(entity_name: str, run_id: str, store_conn_id: str = "store_ap
 
     spec = entity(entity_name)
     names = [entity_name, *(c["entity"] for c in spec.children if c["entity"] != entity_name)]
-    tweaks = overrides(entity_name)  # once per cycle: in a task, each read is a call to the api-server
+    tweaks = overrides(entity_name) if tweaks is None else tweaks
     max_rows = int(setting(entity_name, "live_apply_max_rows", tweaks))
     wait = setting(entity_name, "live_apply_lock_wait_seconds", tweaks)
     dsn = dsn or ready_crm()
@@ -92,7 +94,7 @@ def land_and_apply(entity_name: str, run_id: str, store_conn_id: str = "store_ap
         if len(seen) > max_rows:
             applied["stopped"] = f"more than {max_rows} rows (live_apply_max_rows)"
             return
-        done = live_apply.apply_rows(dsn, names, rows, wait)
+        done = live_apply.apply_rows(dsn, rows, wait)
         applied.update(applied=applied["applied"] + done["applied"], stopped=done["stopped"],
                        quarantined=applied["quarantined"] + done["quarantined"])
 

@@ -31,12 +31,13 @@ def inbox_position(dsn: str) -> int:
         return conn.execute("SELECT coalesce(max(inbox_id), 0) FROM inbox.record").fetchone()[0]
 
 
-def landed_rows(dsn: str, run_id: str, names: list[str], after: int) -> list[int]:
-    """The unapplied inbox rows ``run_id`` wrote to ``names`` after position ``after`` (a primary-key range)."""
+def landed_rows(dsn: str, run_id: str, names: list[str], after: int) -> dict[int, str]:
+    """{inbox id: entity} of the unapplied rows ``run_id`` wrote to ``names`` after position ``after``
+    (a primary-key range)."""
     with psycopg.connect(dsn) as conn:
-        return [r[0] for r in conn.execute(
-            "SELECT inbox_id FROM inbox.record WHERE inbox_id > %s AND run_id = %s AND entity = ANY(%s) "
-            "AND applied_at IS NULL ORDER BY inbox_id", (after, run_id, names))]
+        return dict(conn.execute(
+            "SELECT inbox_id, entity FROM inbox.record WHERE inbox_id > %s AND run_id = %s AND entity = ANY(%s) "
+            "AND applied_at IS NULL ORDER BY inbox_id", (after, run_id, names)).fetchall())
 
 
 def with_lock_timeout(dsn: str, seconds: float) -> str:
@@ -45,20 +46,24 @@ def with_lock_timeout(dsn: str, seconds: float) -> str:
     return make_conninfo(**{**params, "options": options})
 
 
-def apply_rows(dsn: str, names: list[str], inbox_ids: list[int], lock_wait_seconds: float) -> dict:
-    """Run the transform steps of ``names`` for ``inbox_ids`` in dependency order; stop at the first step
+def apply_rows(dsn: str, rows: dict[int, str], lock_wait_seconds: float) -> dict:
+    """Run the transform steps of the rows' entities for ``rows`` in dependency order; stop at the first step
     that cannot run now (a transform holds the lock past the wait, or another failure): the rows left
     are ``crm_transform``'s. Returns ``{"applied": n, "quarantined": n, "stopped": reason or None}``."""
     from store_sync.crm.transform import TransformFailed, steps, transform
 
     out = {"applied": 0, "quarantined": 0, "stopped": None}
-    if not inbox_ids:
+    if not rows:
         return out
-    bounded = with_lock_timeout(dsn, lock_wait_seconds)
+    bounded, names, inbox_ids = with_lock_timeout(dsn, lock_wait_seconds), set(rows.values()), sorted(rows)
     for _sql_file, step_entities in steps():
-        wanted = [n for n in step_entities if n in names]
+        wanted = [n for n in step_entities if n in names]  # only the steps these rows need
         if not wanted:
             continue
+        if transform_busy(dsn, lock_wait_seconds):
+            out["stopped"] = f"a transform held the CRM's batch lock for over {lock_wait_seconds:g}s"
+            log.info("%s; crm_transform applies the landed rows", out["stopped"])
+            break
         try:
             for step in transform(bounded, wanted, only_inbox_ids=inbox_ids):
                 out["applied"] += step["inbox_rows"]
@@ -69,6 +74,25 @@ def apply_rows(dsn: str, names: list[str], inbox_ids: list[int], lock_wait_secon
             log.warning("applying the landed rows stopped (%s); crm_transform applies the rest", out["stopped"])
             break
     return out
+
+
+def transform_busy(dsn: str, seconds: float) -> bool:
+    """Whether another transform keeps the batch lock for ``seconds`` (asked without queueing for it);
+    ``lock_timeout`` still bounds the wait if one takes it between this look and the batch."""
+    import time
+
+    from store_sync.crm.transform import BATCH_LOCK
+
+    look = BATCH_LOCK.replace("pg_advisory_xact_lock", "pg_try_advisory_xact_lock")
+    deadline = time.monotonic() + seconds
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while True:
+            with conn.transaction():  # taken and let go at once
+                if conn.execute(look).fetchone()[0]:
+                    return False
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(0.05)
 
 
 def work_left(dsn: str, names: list[str]) -> bool:

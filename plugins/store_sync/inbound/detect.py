@@ -19,9 +19,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -158,8 +160,15 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
                     with conn.transaction():
                         run.add(land_page(conn, entity, page, run.run_id))
                         set_watermark(conn, mark, None, run.run_id, {due_key: sorted(due)})
-                    on_landed()
-                children = fetch_children(client, entity, fresh, live_cycle=live and cursor is not None, conn=conn)
+                children_of = functools.partial(fetch_children, client, entity, fresh, live_cycle=live and cursor is not None,
+                                                conn=conn)
+                if first:  # the children's reads overlap the parents' transform (the CRM on its own connections)
+                    with ThreadPoolExecutor(1, thread_name_prefix="children") as reader:
+                        reading = reader.submit(children_of)
+                        on_landed()
+                        children = reading.result()
+                else:
+                    children = children_of()
                 with conn.transaction():
                     if not first:
                         run.add(land_page(conn, entity, page, run.run_id))
