@@ -17,7 +17,9 @@ LIVE_POOL = "store_api"
 BACKFILL_POOL = "store_api_backfill"
 TRANSFORM_POOL = "crm_transform"
 FETCH_POOL = "store_api_fetch"
-POOLS = {LIVE_POOL: (4, "store API calls of live sync"), BACKFILL_POOL: (1, "store API calls of backfills"),
+# Live sync: one slot per watch DAG (a busy one keeps landing for minutes, see stay_while_busy_seconds)
+# plus the code-list snapshots; what they ask of the store is bounded by the request budget, not slots.
+POOLS = {LIVE_POOL: (8, "store API calls of live sync"), BACKFILL_POOL: (1, "store API calls of backfills"),
          TRANSFORM_POOL: (1, "CRM transforms (one writer at a time)"),
          FETCH_POOL: (1, "store API calls of fetch on demand (sync.fetch_request)")}
 # Below every other task (Airflow's default weight is 1) when executor slots are short.

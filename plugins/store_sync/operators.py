@@ -98,11 +98,15 @@ class LandStoreChangesOperator(BaseOperator):
                                     dsn=dsn, tweaks=extra)
             landed += counts["landed"]
             self.log.info("%s: %s", self.entity, counts)
-            if counts["work_left"] or not counts["landed"] or time.monotonic() - started >= stay:
+            if counts["work_left"] or time.monotonic() - started >= stay:
                 break
-            reason = self._busy(started + stay, cycle_started, extra)
-            if not reason:
-                break
+            if counts["landed"]:  # changes are flowing: the next cycle is the check (a window that lands nothing)
+                reason = "still busy: the last cycle landed changes"
+                self._next_second(cycle_started)
+            else:
+                reason = self._busy(started + stay, cycle_started, extra)
+                if not reason:
+                    break
             cycle += 1
         if counts["work_left"]:  # rows wait for crm_transform: announce the inbox Asset (through the alias)
             context["outlet_events"][AssetAlias(inbox_alias_name(self.entity))].add(Asset(inbox_asset_name(self.entity)))
@@ -124,13 +128,19 @@ class LandStoreChangesOperator(BaseOperator):
         while time.monotonic() < quiet_until:
             reason = self._trigger(migrate_first=False, extra=extra).check(client, spec, polls)
             if reason:
-                # A window ends at the last whole second: one landed in the second it started would find
-                # nothing new, so the next one starts in a later second.
-                time.sleep(max(0.0, int(last_cycle_started) + 1 - time.time()))
+                self._next_second(last_cycle_started)
                 return f"still busy: {reason}"
             polls += 1
             time.sleep(poll)
         return None
+
+    @staticmethod
+    def _next_second(last_cycle_started: float) -> None:
+        """A window ends at the last whole second: a cycle started in the same second as the last one would
+        find nothing new, so the next starts in a later second."""
+        import time
+
+        time.sleep(max(0.0, int(last_cycle_started) + 1 - time.time()))
 
 
 class WriteBackOperator(BaseOperator):

@@ -39,8 +39,8 @@ class Entity:
     max_quiet_seconds: float = 300
     live_apply_max_rows: int = 500  # a live landing this small applies its transform itself (crm_transform: larger)
     live_apply_lock_wait_seconds: float = 1.0  # how long it waits behind a running transform before leaving it
-    stay_while_busy_seconds: float = 60  # a landing task keeps landing while the store keeps changing, up to this
-    busy_quiet_seconds: float = 3  # ... and hands over to the trigger after this long without a change
+    stay_while_busy_seconds: float = 240  # a landing task keeps landing while the store keeps changing, up to this
+    busy_quiet_seconds: float = 10  # ... and hands over to the trigger after this long without a change
     mapped: tuple = ()  # field patterns the transform maps ("billing.city", "line_items[].id")
 
     def field_map(self) -> dict[str, str]:
