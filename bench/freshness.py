@@ -244,7 +244,7 @@ def draw(samples: list[Sample], path: Path, title: str) -> None:
         axis.axhline(pct(crm, .95), color="black", linestyle=":", linewidth=1, label=f"p95 {pct(crm, .95):.2f} s")
     over_time.set(xlabel="seconds since measuring started (when the store changed)", ylabel="change -> CRM row, s",
                   title="change -> CRM latency over time", ylim=(0, max([3.5, *crm]) * 1.08))
-    over_time.legend(fontsize=8, loc="upper left")
+    over_time.legend(fontsize=8, loc="upper right", framealpha=0.8)
     over_time.grid(alpha=0.3)
     if crm:
         spread.hist(crm, bins=30, color="C0", alpha=0.6, label="change -> CRM row")
