@@ -5,7 +5,10 @@ One DAG per registry entity that changes over time (`store_watch_orders`, `…_c
 Each run is one task, `land_changes`: it **waits** like a deferrable sensor (the polling happens in
 the triggerer, on a small async trigger, and holds no worker slot), then **lands** the window since
 the watermark untouched in `inbox.record`, moving the watermark in the same transaction, and
-announces the Asset `crm_inbox_<entity>` so the CRM transforms run at once. When the store already
+applies the CRM transform for what it landed when that is a small batch (`live_apply_max_rows`, 500);
+a larger batch, or one a running transform kept waiting, is announced through the Asset
+`crm_inbox_<entity>` (added to the alias `crm_inbox_<entity>_pending`) so `crm_transform` applies it.
+While the store keeps changing, the task keeps landing (`stay_while_busy_seconds`). When the store already
 has changes as the run starts, it lands at once without deferring. The DAG is `@continuous` with one
 active run: the next wait starts as soon as a landing ends.
 
@@ -22,9 +25,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from airflow.sdk import Asset, dag
+from airflow.sdk import AssetAlias, dag
 
-from store_sync.dag_defaults import DEFAULT_ARGS, LIVE_POOL, Tag, inbox_asset_name
+from store_sync.dag_defaults import DEFAULT_ARGS, LIVE_POOL, Tag, inbox_alias_name
 from store_sync.operators import LandStoreChangesOperator
 from store_sync.registry import entities
 
@@ -34,7 +37,7 @@ def build(name: str):
          max_active_runs=1, default_args=DEFAULT_ARGS, tags=[Tag.SYNC, Tag.INBOX, Tag.LIVE], doc_md=__doc__)
     def watch():
         LandStoreChangesOperator(task_id="land_changes", entity=name, pool=LIVE_POOL,
-                                 outlets=[Asset(inbox_asset_name(name))])
+                                 outlets=[AssetAlias(inbox_alias_name(name))])
 
     return watch()
 

@@ -146,7 +146,8 @@ def test_changes_and_faults_through_airflow_lose_nothing(dagbag, wired, sandbox_
         "--changes-per-second", "40", "--faults", "429=0.05,500=0.05,502=0.02,truncated=0.03,shift=0.3",
         "--slow-seconds", "0.05"])
     dsn = wired(faulty, requests_per_second=100, max_retries=15)
-    monkeypatch.setenv("AIRFLOW_VAR_STORE_SYNC_OVERRIDES", '{"orders": {"per_page": 7}}')  # many pages to shift
+    # Many pages to shift; one landing cycle per run (a busy run would otherwise keep landing for minutes).
+    monkeypatch.setenv("AIRFLOW_VAR_STORE_SYNC_OVERRIDES", '{"orders": {"per_page": 7, "stay_while_busy_seconds": 0}}')
     dag = dagbag.get_dag("store_watch_orders")
     # At least 10 s of changes and at least three cycles under them, however slow the machine is.
     runs, deadline = 0, time.monotonic() + 10

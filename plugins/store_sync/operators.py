@@ -10,7 +10,11 @@ One operator per watch DAG run:
 3. when the trigger fires, resume on a worker and land.
 
 Waiting and landing sit in one task because each task hop costs Airflow 0.3-1 s
-(``shared/reference/airflow3-latency.md``) and freshness is the point of these DAGs.
+(``shared/reference/airflow3-latency.md``) and freshness is the point of these DAGs. For the same
+reason a small live landing applies its CRM transform itself (``store_sync.crm.live_apply``), and
+while the store keeps changing the task keeps landing (``stay_while_busy_seconds``) instead of
+paying for a new DAG run per change; the inbox Asset is announced only when rows are left for the
+``crm_transform`` DAG (a large batch, or a transform that held the lock too long).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class LandStoreChangesOperator(BaseOperator):
         super().__init__(**kwargs)
         self.entity, self.store_conn_id, self.deferrable = entity, store_conn_id, deferrable
 
-    def _trigger(self) -> StoreChangeTrigger:
+    def _trigger(self, migrate_first: bool = True, extra: dict | None = None) -> StoreChangeTrigger:
         import psycopg
 
         from store_sync.crm.migrations import migrate
@@ -47,10 +51,11 @@ class LandStoreChangesOperator(BaseOperator):
 
         spec = registry_entity(self.entity)
         dsn = crm_dsn()
-        migrate(dsn)
+        if migrate_first:
+            migrate(dsn)
         with psycopg.connect(dsn) as conn:
             cursor, state = get_watermark(conn, self.entity)
-        extra = overrides(self.entity)
+        extra = overrides(self.entity) if extra is None else extra
         return StoreChangeTrigger(
             entity=self.entity, cursor=cursor.strftime("%Y-%m-%dT%H:%M:%S") if cursor else None,
             store_conn_id=self.store_conn_id, poll_seconds=float(extra.get("poll_seconds", spec.poll_seconds)),
@@ -77,16 +82,72 @@ class LandStoreChangesOperator(BaseOperator):
         return self._land(context, event.get("reason", ""))
 
     def _land(self, context, reason: str) -> dict:
-        from store_sync.tasks import land_entity
+        import time
 
-        self.log.info("%s: %s; landing", self.entity, reason)
-        counts = land_entity(self.entity, context["dag_run"].run_id, store_conn_id=self.store_conn_id)
-        self.log.info("%s: %s", self.entity, counts)
-        if counts.get("landed"):
-            from store_sync.triggers import note_change
+        from airflow.sdk import Asset, AssetAlias
 
-            note_change(self.entity, context["dag_run"].run_id)  # the triggers poll fast again
-        return counts
+        from store_sync.dag_defaults import inbox_alias_name, inbox_asset_name
+        from store_sync.tasks import land_and_apply, overrides, ready_crm, setting
+
+        # Read once per task: every cycle of this run uses them (a change applies from the next run on).
+        extra, run_id = overrides(self.entity), context["dag_run"].run_id
+        stay = setting(self.entity, "stay_while_busy_seconds", extra)
+        started, cycle, landed, dsn = time.monotonic(), 1, 0, ready_crm()
+        while True:
+            self.log.info("%s: %s; landing", self.entity, reason)
+            cycle_started = time.time()
+            # Each cycle its own sync.landing_run row: "<run id>~2" is the run's second cycle.
+            counts = land_and_apply(self.entity, run_id if cycle == 1 else f"{run_id}~{cycle}", self.store_conn_id,
+                                    dsn=dsn, tweaks=extra)
+            landed += counts["landed"]
+            self.log.info("%s: %s", self.entity, counts)
+            if counts["landed"]:
+                from store_sync.triggers import note_change
+
+                note_change(self.entity, run_id)  # every waiting trigger polls fast again
+            if counts["work_left"] or time.monotonic() - started >= stay:
+                break
+            if counts["landed"]:  # changes are flowing: the next cycle is the check (a window that lands nothing)
+                reason = "still busy: the last cycle landed changes"
+                self._next_second(cycle_started)
+            else:
+                reason = self._busy(started + stay, cycle_started, extra)
+                if not reason:
+                    break
+            cycle += 1
+        if counts["work_left"]:  # rows wait for crm_transform: announce the inbox Asset (through the alias)
+            context["outlet_events"][AssetAlias(inbox_alias_name(self.entity))].add(Asset(inbox_asset_name(self.entity)))
+        return {**counts, "cycles": cycle, "landed_in_all_cycles": landed}
+
+    def _busy(self, until: float, last_cycle_started: float, extra: dict) -> str | None:
+        """While the store is busy: a change within ``busy_quiet_seconds`` (checked every ``poll_seconds``)
+        is landed by this task at once; None once the store was quiet that long (or ``until`` passed)."""
+        import time
+
+        from store_sync.registry import entity as registry_entity
+        from store_sync.store.hooks import StoreApiHook
+        from store_sync.tasks import setting
+
+        quiet_until = min(until, time.monotonic() + setting(self.entity, "busy_quiet_seconds", extra))
+        poll, spec = setting(self.entity, "poll_seconds", extra), registry_entity(self.entity)
+        client = StoreApiHook(self.store_conn_id).get_client()
+        polls = 0
+        while time.monotonic() < quiet_until:
+            reason = self._trigger(migrate_first=False, extra=extra).check(client, spec, polls)
+            if reason:
+                self._next_second(last_cycle_started)
+                return f"still busy: {reason}"
+            polls += 1
+            time.sleep(poll)
+        return None
+
+    @staticmethod
+    def _next_second(last_cycle_started: float) -> None:
+        """A window ends at the last whole second: a cycle started in the same second as the last one would
+        find nothing new, so the next starts in a later second."""
+        import time
+
+        time.sleep(max(0.0, int(last_cycle_started) + 1 - time.time()))
 
 
 class WriteBackOperator(BaseOperator):

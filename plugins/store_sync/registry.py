@@ -41,6 +41,10 @@ class Entity:
     quiet_poll_seconds: float = 20
     scan_share: float = 0.1  # id_scan: the rolling scan's share of the live request budget
     scan_pages_per_cycle: int = 100  # id_scan: at most this many scan pages in one cycle
+    live_apply_max_rows: int = 500  # a live landing this small applies its transform itself (crm_transform: larger)
+    live_apply_lock_wait_seconds: float = 1.0  # how long it waits behind a running transform before leaving it
+    stay_while_busy_seconds: float = 240  # a landing task keeps landing while the store keeps changing, up to this
+    busy_quiet_seconds: float = 10  # ... and hands over to the trigger after this long without a change
     mapped: tuple = ()  # field patterns the transform maps ("billing.city", "line_items[].id")
     volatile: tuple = ()  # top-level fields that change on every read: stored, not part of the version hash
 

@@ -7,7 +7,8 @@ from store_sync.crm.database import crm_dsn as _crm_dsn
 
 # What the Variable store_sync_overrides may change per entity at run time ("*" applies to all).
 TUNABLE = ("poll_seconds", "max_quiet_seconds", "per_page", "overlap_seconds", "settle_seconds", "scan_every_minutes",
-           "quiet_after_seconds", "quiet_poll_seconds", "scan_share", "scan_pages_per_cycle")
+           "quiet_after_seconds", "quiet_poll_seconds", "scan_share", "scan_pages_per_cycle",
+           "live_apply_max_rows", "live_apply_lock_wait_seconds", "stay_while_busy_seconds", "busy_quiet_seconds")
 
 
 def overrides(entity: str) -> dict:
@@ -36,7 +37,8 @@ def ready_crm() -> str:
     return dsn
 
 
-def land_entity(entity_name: str, run_id: str, mode: str = "live", store_conn_id: str = "store_api") -> dict:
+def land_entity(entity_name: str, run_id: str, mode: str = "live", store_conn_id: str = "store_api",
+                on_landed=None, tweaks: dict | None = None, dsn: str | None = None) -> dict:
     """Migrate if needed, then land one cycle of one entity; returns the counts (small: safe for XCom)."""
     import dataclasses
 
@@ -45,13 +47,64 @@ def land_entity(entity_name: str, run_id: str, mode: str = "live", store_conn_id
     from store_sync.store.hooks import StoreApiHook
 
     spec = entity(entity_name)
-    tweaks = {k: v for k, v in overrides(entity_name).items() if k in ("per_page", "overlap_seconds", "settle_seconds",
-                                                                     "scan_every_minutes", "scan_share",
-                                                                     "scan_pages_per_cycle")}
+    tweaks = {k: v for k, v in (overrides(entity_name) if tweaks is None else tweaks).items()
+              if k in ("per_page", "overlap_seconds", "settle_seconds", "scan_every_minutes", "scan_share",
+                       "scan_pages_per_cycle")}
     if tweaks:
         spec = dataclasses.replace(spec, **tweaks)
-    dsn = ready_crm()
-    return sync_entity(dsn, StoreApiHook(store_conn_id).get_client(), spec, run_id, mode=mode)
+    dsn = dsn or ready_crm()
+    return sync_entity(dsn, StoreApiHook(store_conn_id).get_client(), spec, run_id, mode=mode, on_landed=on_landed)
+
+
+def setting(entity_name: str, name: str, tweaks: dict | None = None) -> float:
+    """A number from the registry, as the Variable ``store_sync_overrides`` may change it at run time
+    (``tweaks``: those overrides, when the caller read them already)."""
+    from store_sync.registry import entity
+
+    return float((overrides(entity_name) if tweaks is None else tweaks).get(name, getattr(entity(entity_name), name)))
+
+
+def land_and_apply(entity_name: str, run_id: str, store_conn_id: str = "store_api", dsn: str | None = None,
+                   tweaks: dict | None = None) -> dict:
+    """One live cycle, and the CRM transform of what it landed when that is at most ``live_apply_max_rows``
+    rows (``store_sync.crm.live_apply``); ``work_left`` says whether ``crm_transform`` has work.
+    ``dsn``: the CRM, already checked and migrated by an earlier cycle of the same task; ``tweaks``: the
+    overrides that task read (in a task each read is a call to the api-server)."""
+    import psycopg
+
+    from store_sync.crm import live_apply
+    from store_sync.inbound.landing import get_watermark
+    from store_sync.registry import entity
+
+    spec = entity(entity_name)
+    names = [entity_name, *(c["entity"] for c in spec.children if c["entity"] != entity_name)]
+    tweaks = overrides(entity_name) if tweaks is None else tweaks
+    max_rows = int(setting(entity_name, "live_apply_max_rows", tweaks))
+    wait = setting(entity_name, "live_apply_lock_wait_seconds", tweaks)
+    dsn = dsn or ready_crm()
+    with psycopg.connect(dsn) as conn:
+        live = get_watermark(conn, entity_name)[0] is not None  # a first load is crm_transform's
+    after = live_apply.inbox_position(dsn)
+    applied = {"applied": 0, "quarantined": 0, "stopped": None if live and max_rows > 0 else "a first load, or live_apply_max_rows is 0"}
+    seen: set[int] = set()
+
+    def apply_landed() -> None:
+        if applied["stopped"]:
+            return
+        rows = live_apply.landed_rows(dsn, run_id, names, after)
+        seen.update(rows)
+        if len(seen) > max_rows:
+            applied["stopped"] = f"more than {max_rows} rows (live_apply_max_rows)"
+            return
+        done = live_apply.apply_rows(dsn, rows, wait)
+        applied.update(applied=applied["applied"] + done["applied"], stopped=done["stopped"],
+                       quarantined=applied["quarantined"] + done["quarantined"])
+
+    counts = land_entity(entity_name, run_id, store_conn_id=store_conn_id, on_landed=apply_landed, tweaks=tweaks,
+                         dsn=dsn)
+    apply_landed()  # children, customers, what the last page brought
+    return {**counts, "crm_applied": applied["applied"], "crm_quarantined": applied["quarantined"],
+            "crm_left_because": applied["stopped"], "work_left": live_apply.work_left(dsn, names)}
 
 
 def reconcile_entity(entity_name: str, run_id: str, store_conn_id: str = "store_api") -> dict:

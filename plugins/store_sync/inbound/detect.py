@@ -19,9 +19,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -84,15 +86,20 @@ class Progress:
 
 
 def sync_entity(dsn: str, client: StoreClient, entity: Entity, run_id: str, *, mode: str = "live",
-                since: datetime | None = None, until: datetime | None = None, ids: list[int] | None = None) -> dict:
-    """One cycle (or one backfill chunk) for one entity; returns the run record's counts."""
+                since: datetime | None = None, until: datetime | None = None, ids: list[int] | None = None,
+                on_landed=None) -> dict:
+    """One cycle (or one backfill chunk) for one entity; returns the run record's counts.
+
+    ``on_landed()``, when given, is called after each page of a ``modified_window`` entity has landed and
+    before its children are read (the live landing applies the page's transform there)."""
     retries_before = client.stats.retries
     run = RunRecord(dsn, run_id, entity.name, mode, since, until)
     try:
         if ids:
             window_to = fetch_by_ids(dsn, client, entity, run, ids)
         elif entity.strategy == "modified_window":
-            window_to = modified_window(dsn, client, entity, run, mode=mode, since=since, until=until)
+            window_to = modified_window(dsn, client, entity, run, mode=mode, since=since, until=until,
+                                        on_landed=on_landed)
         elif entity.strategy == "id_scan":
             window_to = id_scan(dsn, client, entity, run, full=mode != "live")
         elif entity.strategy == "snapshot":
@@ -109,7 +116,7 @@ def sync_entity(dsn: str, client: StoreClient, entity: Entity, run_id: str, *, m
 
 # -- modified_window ---------------------------------------------------------------------------------
 def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecord, *, mode: str,
-                    since: datetime | None, until: datetime | None) -> datetime:
+                    since: datetime | None, until: datetime | None, on_landed=None) -> datetime:
     live = mode == "live"
     # Backfills keep their place in a row of their own: the live cursor is never theirs to move.
     mark = entity.name if live else f"{entity.name}@backfill"
@@ -117,6 +124,10 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
     with psycopg.connect(dsn) as conn:
         cursor, state = get_watermark(conn, mark)
     progress = state.get(state_key) or {}
+    # Parents landed before their children were read (a page lands first when ``on_landed`` is given):
+    # a run killed in between reads their children when it reads them again, though they are no longer new.
+    due_key = "children_due" if live else f"children_due:{run.run_id}"
+    due = set(state.get(due_key) or ())
     if progress.get("t0"):  # a killed run left its place: resume with the same frozen window
         t0 = parse_gmt(progress["t0"])
         start_status = progress.get("status_index", 0)
@@ -140,11 +151,27 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
                 # Children only for parents that changed, not for those the overlap re-reads.
                 fresh = page
                 if entity.children:
-                    known = already_landed(conn, entity, page)
+                    known = already_landed(conn, entity, page) - due
                     fresh = [r for r in page if key_of(r, entity) is not None and key_of(r, entity) not in known]
-                children = fetch_children(client, entity, fresh, live_cycle=live and cursor is not None, conn=conn)
+                # The page first, its children after (one request per parent): the parents reach the CRM sooner.
+                first = bool(entity.children and on_landed)
+                if first:
+                    due |= {key_of(r, entity) for r in fresh}
+                    with conn.transaction():
+                        run.add(land_page(conn, entity, page, run.run_id))
+                        set_watermark(conn, mark, None, run.run_id, {due_key: sorted(due)})
+                children_of = functools.partial(fetch_children, client, entity, fresh, live_cycle=live and cursor is not None,
+                                                conn=conn)
+                if first:  # the children's reads overlap the parents' transform (the CRM on its own connections)
+                    with ThreadPoolExecutor(1, thread_name_prefix="children") as reader:
+                        reading = reader.submit(children_of)
+                        on_landed()
+                        children = reading.result()
+                else:
+                    children = children_of()
                 with conn.transaction():
-                    run.add(land_page(conn, entity, page, run.run_id))
+                    if not first:
+                        run.add(land_page(conn, entity, page, run.run_id))
                     for child, prefix, records, gone in children:
                         run.add(land_page(conn, child, records, run.run_id, key_prefix=prefix))
                         if gone:
@@ -152,7 +179,12 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
                     done = final and last_status
                     new_progress = None if done else {"t0": fmt(t0), "status_index": index + (1 if final else 0),
                                                       "lo": fmt(next_lo) if (next_lo and not final) else None}
-                    set_watermark(conn, mark, t0 if (done and live) else None, run.run_id, {state_key: new_progress})
+                    # Parents still due when the window is done were modified again: the next window reads them.
+                    due = set() if done else due - {key_of(r, entity) for r in fresh}
+                    set_watermark(conn, mark, t0 if (done and live) else None, run.run_id,
+                                  {state_key: new_progress, **({due_key: sorted(due) or None} if first or due else {})})
+                if on_landed and not first:
+                    on_landed()
     return t0
 
 

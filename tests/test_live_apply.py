@@ -1,0 +1,154 @@
+"""A small live landing reaches the CRM tables within the landing task itself; a large one is left to
+``crm_transform`` (announced through the inbox Asset); newest wins whichever path applies first.
+Run through Airflow (``dag.test()``) against the sandbox store and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import psycopg
+
+from store_sync.dag_defaults import inbox_asset_name
+
+
+def overrides(monkeypatch, **orders) -> None:
+    # stay_while_busy_seconds 0: one cycle per run, unless a test asks for more.
+    monkeypatch.setenv("AIRFLOW_VAR_STORE_SYNC_OVERRIDES",
+                       json.dumps({"orders": {"stay_while_busy_seconds": 0, **orders}}))
+
+
+def crm_order(dsn: str, order_id: int) -> tuple | None:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT status, landed_inbox_id FROM crm.sales_order WHERE id = %s", (order_id,)).fetchone()
+
+
+def unapplied(dsn: str, entity: str = "orders") -> int:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT count(*) FROM inbox.record WHERE entity = %s AND applied_at IS NULL",
+                            (entity,)).fetchone()[0]
+
+
+def inbox_events(entity: str) -> int:
+    """Asset events Airflow recorded for the entity's inbox Asset (what schedules crm_transform)."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import func, select
+
+    with create_session() as session:
+        return session.scalar(select(func.count()).select_from(AssetEvent).join(
+            AssetModel, AssetModel.id == AssetEvent.asset_id).where(AssetModel.name == inbox_asset_name(entity)))
+
+
+def first_load(dagbag, dsn: str) -> None:
+    assert dagbag.get_dag("store_watch_orders").test().state == "success"
+    assert unapplied(dsn) > 0, "a first load is crm_transform's"
+    assert dagbag.get_dag("crm_transform").test().state == "success"
+    assert unapplied(dsn) == 0
+    time.sleep(1.1)  # the first window's upper bound passes: nothing is pending
+
+
+def change_status(client, status_from: str, status_to: str) -> int:
+    order = client.get("orders", {"status": status_from, "per_page": 1})[0]
+    client.put(f"orders/{order['id']}", {"status": status_to})
+    return order["id"]
+
+
+def test_a_small_change_reaches_the_crm_within_the_landing_task(dagbag, wired, sandbox_factory, monkeypatch):
+    sandbox = sandbox_factory(size="tiny", seed=21)
+    dsn = wired(sandbox)
+    overrides(monkeypatch)
+    first_load(dagbag, dsn)
+    events = inbox_events("orders")
+    client = sandbox.client()
+    order_id = change_status(client, "processing", "completed")
+    time.sleep(1.1)  # the change's second is over: the window (which ends at the last whole second) takes it
+    assert dagbag.get_dag("store_watch_orders").test().state == "success"  # crm_transform does not run
+    assert crm_order(dsn, order_id)[0] == "completed", "the CRM row is there right after the landing task"
+    assert unapplied(dsn, "orders") == 0 and unapplied(dsn, "order_notes") == 0
+    with psycopg.connect(dsn) as conn:
+        notes = conn.execute("SELECT count(*) FROM crm.sales_order_note n JOIN inbox.record r ON "
+                             "r.inbox_id = n.landed_inbox_id WHERE n.order_id = %s AND r.run_id LIKE 'manual__%%' "
+                             "AND r.received_at > now() - interval '1 minute'", (order_id,)).fetchone()[0]
+    assert notes >= 1, "the order's new note, read after the order landed, is in the CRM too"
+    assert inbox_events("orders") == events, "nothing left for crm_transform: the inbox Asset is not announced"
+
+
+def test_while_the_store_keeps_changing_the_task_keeps_landing(dagbag, wired, sandbox_factory, monkeypatch):
+    sandbox = sandbox_factory(size="tiny", seed=22)
+    dsn = wired(sandbox)
+    overrides(monkeypatch, stay_while_busy_seconds=30, busy_quiet_seconds=4)
+    first_load(dagbag, dsn)
+    client = sandbox.client()
+    first = change_status(client, "processing", "completed")
+    later: list[int] = []
+    threading.Timer(2.5, lambda: later.append(change_status(client, "processing", "on-hold"))).start()
+    time.sleep(1.1)
+    run = dagbag.get_dag("store_watch_orders").test()
+    assert run.state == "success"
+    assert later and crm_order(dsn, first)[0] == "completed" and crm_order(dsn, later[0])[0] == "on-hold"
+    with psycopg.connect(dsn) as conn:
+        cycles = [r[0] for r in conn.execute("SELECT run_id FROM sync.landing_run WHERE entity = 'orders' AND "
+                                             "run_id LIKE %s ORDER BY started_at", (f"{run.run_id}%",))]
+    assert len(cycles) >= 2 and cycles[1].startswith(f"{run.run_id}~"), "one run, one landing_run row per cycle"
+
+
+def test_a_large_batch_is_left_to_crm_transform(dagbag, wired, sandbox_factory, monkeypatch):
+    sandbox = sandbox_factory(size="tiny", seed=23)
+    dsn = wired(sandbox)
+    overrides(monkeypatch, live_apply_max_rows=2)
+    first_load(dagbag, dsn)
+    events = inbox_events("orders")
+    client = sandbox.client()
+    ids = [change_status(client, "processing", "completed") for _ in range(3)]
+    time.sleep(1.1)
+    assert dagbag.get_dag("store_watch_orders").test().state == "success"
+    assert all(crm_order(dsn, i)[0] == "processing" for i in ids), "more rows than live_apply_max_rows: not applied"
+    assert unapplied(dsn) >= 3
+    assert inbox_events("orders") == events + 1, "the inbox Asset announces the work to crm_transform"
+    assert dagbag.get_dag("crm_transform").test().state == "success"
+    assert all(crm_order(dsn, i)[0] == "completed" for i in ids) and unapplied(dsn) == 0
+
+
+def test_newest_wins_when_both_paths_apply(dagbag, wired, sandbox_factory, monkeypatch):
+    sandbox = sandbox_factory(size="tiny", seed=24)
+    dsn = wired(sandbox)
+    overrides(monkeypatch, live_apply_max_rows=0)
+    first_load(dagbag, dsn)
+    client = sandbox.client()
+    order_id = change_status(client, "processing", "on-hold")
+    time.sleep(1.1)
+    watch = dagbag.get_dag("store_watch_orders")
+    assert watch.test().state == "success"  # the older version waits for crm_transform
+    assert crm_order(dsn, order_id)[0] == "processing"
+    client.put(f"orders/{order_id}", {"status": "completed"})
+    time.sleep(1.1)
+    overrides(monkeypatch)
+    assert watch.test().state == "success"  # the newer version applies in the landing task
+    newer = crm_order(dsn, order_id)
+    assert newer[0] == "completed"
+    assert dagbag.get_dag("crm_transform").test().state == "success"  # then the older one, late
+    assert crm_order(dsn, order_id) == newer, "an older version never applies over a newer one"
+    assert unapplied(dsn) == 0, "the older version is settled (applied, dropped as older)"
+
+
+def test_a_landing_does_not_wait_behind_a_long_transform(dagbag, wired, sandbox_factory, monkeypatch):
+    from store_sync.crm.transform import BATCH_LOCK
+
+    sandbox = sandbox_factory(size="tiny", seed=25)
+    dsn = wired(sandbox)
+    overrides(monkeypatch, live_apply_lock_wait_seconds=0.5)
+    first_load(dagbag, dsn)
+    events = inbox_events("orders")
+    order_id = change_status(sandbox.client(), "processing", "completed")
+    time.sleep(1.1)
+    with psycopg.connect(dsn) as transform_running:  # a long crm_transform batch holds the lock meanwhile
+        transform_running.execute(BATCH_LOCK)
+        # Were the landing to queue for the lock, this would never return: the lock is let go after it.
+        assert dagbag.get_dag("store_watch_orders").test().state == "success"
+        assert crm_order(dsn, order_id)[0] == "processing" and unapplied(dsn) >= 1
+        transform_running.rollback()
+    assert inbox_events("orders") == events + 1, "the landed rows are announced to crm_transform instead"
+    assert dagbag.get_dag("crm_transform").test().state == "success"
+    assert crm_order(dsn, order_id)[0] == "completed"
