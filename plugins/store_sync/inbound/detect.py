@@ -112,7 +112,7 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
                     since: datetime | None, until: datetime | None) -> datetime:
     live = mode == "live"
     # Backfills keep their place in a row of their own: the live cursor is never theirs to move.
-    mark = entity.name if live else f"{entity.name}@backfill"
+    mark = entity.name if live else f"{entity.name}@{'first_load' if mode == 'first_load' else 'backfill'}"
     state_key = "progress" if live else f"run:{run.run_id}"
     with psycopg.connect(dsn) as conn:
         cursor, state = get_watermark(conn, mark)

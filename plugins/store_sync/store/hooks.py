@@ -10,7 +10,8 @@ Connection (``AIRFLOW_CONN_STORE_API``, a secrets backend or the UI; type HTTP):
 * extra (all optional; strings such as ``"false"`` or ``"5"`` are understood):
   ``requests_per_second`` (5), ``max_in_flight`` (3), ``timeout`` (30), ``max_retries`` (6),
   ``verify`` (true, false, or a CA bundle path), ``query_string_auth`` (false), ``api_path``
-  (``/wp-json/wc/v3``), ``backfill_requests_per_second`` (2), ``backfill_max_in_flight`` (1), and for
+  (``/wp-json/wc/v3``), ``backfill_requests_per_second`` (2), ``backfill_max_in_flight`` (1),
+  ``first_load_requests_per_second`` (10), ``first_load_max_in_flight`` (4), and for
   webhooks ``webhook_url`` (the public URL of the Airflow api-server) and ``webhook_secret``.
 """
 
@@ -77,6 +78,13 @@ class StoreApiHook(BaseHook):
         """Backfills spend a smaller budget than live sync: the shoppers come first."""
         return {"requests_per_second": self.extra_number("backfill_requests_per_second", 2, minimum=0.01),
                 "max_in_flight": self.extra_number("backfill_max_in_flight", 1, kind=int, minimum=1)}
+
+    def first_load_budget(self) -> dict[str, Any]:
+        """A first load (a new shop's whole history) spends a larger budget of its own lane: the user
+        waits for it; live sync keeps its polite one."""
+        return {"requests_per_second": self.extra_number("first_load_requests_per_second", 10, minimum=0.01),
+                "max_in_flight": self.extra_number("first_load_max_in_flight", 4, kind=int, minimum=1),
+                "lane": "first_load"}
 
     def _verify(self) -> bool | str:
         value = self.connection.extra_dejson.get("verify", True)
