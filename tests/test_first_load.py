@@ -1,0 +1,172 @@
+"""First load of a new shop: entities concurrently, the transform overlapping, on the first-load budget.
+
+The store's side is watched by a counting proxy in front of the sandbox (every request's start and end
+as the store sees them), so the budget is checked where it matters, not in our own client's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import psycopg
+import pytest
+
+from store_sync.crm.transform import run_checks
+from store_sync.inbound.first_load import first_load
+from store_sync.store.hooks import StoreApiHook
+from store_sync.tasks import land_entity, ready_crm
+from tests.helpers import REPO, assert_inbox_matches_truth, latest
+
+RATE, IN_FLIGHT = 12, 3
+
+
+class CountingProxy:
+    """Forwards every request to the sandbox unchanged (Host kept, so OAuth signatures still match) and
+    records when each one reached the store and when its answer left."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.requests: list[tuple[float, float, str]] = []
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                started = time.monotonic()
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body or None, headers=dict(self.headers.items()))
+                    answer = conn.getresponse()
+                    data = answer.read()
+                finally:
+                    conn.close()
+                self.send_response(answer.status, answer.reason)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("transfer-encoding", "content-length", "connection", "date", "server"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                with lock:
+                    outer.requests.append((started, time.monotonic(), self.path.split("?")[0]))
+
+            do_GET = do_POST = do_PUT = _forward  # noqa: N815
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def store_api(self) -> list[tuple[float, float, str]]:
+        return [r for r in self.requests if "/wp-json/" in r[2]]
+
+    def busiest_second(self) -> int:
+        starts = sorted(r[0] for r in self.store_api())
+        best, j = 0, 0
+        for i, t in enumerate(starts):
+            while starts[j] < t - 1.0:
+                j += 1
+            best = max(best, i - j + 1)
+        return best
+
+    def most_in_flight(self) -> int:
+        events = sorted([(s, 1) for s, _, _ in self.store_api()] + [(e, -1) for _, e, _ in self.store_api()])
+        now = best = 0
+        for _, step in events:
+            now += step
+            best = max(best, now)
+        return best
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+class Truth:
+    """The sandbox's ground truth as the proxy's clients see it (links carry the proxy's address)."""
+
+    def __init__(self, sandbox, url: str) -> None:
+        self.sandbox, self.url = sandbox, url
+
+    def export(self, entity: str) -> list[dict]:
+        out = subprocess.run([sys.executable, "-m", "sandbox", "export", "--db", str(self.sandbox.db), "--entity",
+                              entity, "--base-url", self.url], cwd=REPO, check=True, capture_output=True,
+                             text=True).stdout
+        return [json.loads(line) for line in out.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def small_store(sandbox_factory):
+    sandbox = sandbox_factory(size="small", seed=9)
+    proxy = CountingProxy(sandbox.port)
+    yield sandbox, proxy
+    proxy.close()
+
+
+def test_concurrent_first_load_matches_the_store_within_its_budget(small_store, wired):
+    sandbox, proxy = small_store
+    dsn = wired(proxy, first_load_requests_per_second=RATE, first_load_max_in_flight=IN_FLIGHT,
+                requests_per_second=2, max_in_flight=1)
+    proxy.requests.clear()
+    hook = StoreApiHook()
+    hook.overrides = hook.first_load_budget()  # what `make demo ARGS=--once` does
+    result = first_load(ready_crm(), hook.get_client(), "first-load")
+
+    truth = Truth(sandbox, proxy.url)
+    for name in ("orders", "refunds", "subscriptions", "products"):
+        assert_inbox_matches_truth(dsn, truth, name)  # every record, its current version, nothing doubled
+    assert {str(v["id"]) for v in truth.export("variations")} <= set(latest(dsn, "products"))
+    customers = {str(c["id"]) for c in truth.export("customers")}
+    assert customers == set(latest(dsn, "customers"))
+    run_checks(dsn)
+    with psycopg.connect(dsn) as conn:
+        crm = dict(conn.execute("SELECT 'orders', count(*) FROM crm.sales_order UNION ALL "
+                                "SELECT 'customers', count(*) FROM crm.customer UNION ALL "
+                                "SELECT 'subscriptions', count(*) FROM crm.subscription").fetchall())
+        modes = {r[0] for r in conn.execute("SELECT DISTINCT mode FROM sync.landing_run")}
+        fetches = conn.execute("SELECT count(*) FROM sync.fetch_request WHERE fetched_at IS NULL").fetchone()[0]
+    assert crm == {"orders": len(truth.export("orders")), "customers": len(customers),
+                   "subscriptions": len(truth.export("subscriptions"))}
+    assert modes == {"first_load", "live"}  # live: the code lists, which have no history to slice
+    assert fetches == 0, "the transform asked for records the first load was bringing anyway"
+
+    # The store saw the first-load budget, never more, and the entities really went side by side.
+    busiest, in_flight = proxy.busiest_second(), proxy.most_in_flight()
+    print(f"\nfirst load: {len(proxy.store_api())} requests in {result['seconds']}s; busiest second {busiest} "
+          f"(budget {RATE}/s), most in flight {in_flight} (budget {IN_FLIGHT})")
+    assert busiest <= RATE + 1, f"{busiest} requests in one second against a budget of {RATE}/s"
+    assert in_flight <= IN_FLIGHT
+    assert in_flight >= 2, "the first load never had two requests in flight: nothing ran concurrently"
+    orders_transformed = [s for s in result["transform"] if s["step"] == "50_orders.sql"]
+    assert orders_transformed, result["transform"]
+
+    # Live sync carries on from where the first load left: nothing new, nothing read twice in bulk.
+    proxy.requests.clear()
+    again = land_entity("orders", "live-after")
+    assert again["landed"] == 0 and again.get("mode") != "first_load"
+    assert len(proxy.store_api()) <= 6
+
+
+def test_watch_dag_first_cycle_is_a_first_load(small_store, wired):
+    """The watch DAGs' task body: an empty watermark means a first load, on the first-load budget."""
+    sandbox, proxy = small_store
+    dsn = wired(proxy, first_load_requests_per_second=RATE, first_load_max_in_flight=IN_FLIGHT)
+    proxy.requests.clear()
+    counts = land_entity("orders", "watch-first")
+    assert counts["mode"] == "first_load" and counts["status"] == "success"
+    assert_inbox_matches_truth(dsn, Truth(sandbox, proxy.url), "orders")
+    assert proxy.most_in_flight() >= 2 and proxy.busiest_second() <= RATE + 1
+    with psycopg.connect(dsn) as conn:
+        cursor = conn.execute("SELECT cursor_at FROM sync.watermark WHERE entity = 'orders'").fetchone()
+    assert cursor and cursor[0] is not None
+    assert land_entity("orders", "watch-next").get("mode") != "first_load"
