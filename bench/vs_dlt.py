@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -200,6 +199,7 @@ def run_once(side: str, python: Path, env: dict, cli: list[str], pg, sandbox_pro
         _, status, usage = os.wait4(proc.pid, 0)  # the CPU of the process and of every child it reaped
         proc.returncode = os.waitstatus_to_exitcode(status)
         peak = sampler.stop()
+        out.write(stdout)
     wall = time.monotonic() - started
     time.sleep(0.5)  # backends exit when their connections close: let the postmaster reap them
     result = next((json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")), None)
@@ -223,6 +223,17 @@ def counts(dsn: str, side: str) -> dict[str, int]:
                 conn.rollback()
                 out[name] = -1
     return out
+
+
+def copy_store(source: Path, target: Path) -> None:
+    """A consistent copy, pages still in the source's write-ahead log included."""
+    import sqlite3
+
+    src, dst = sqlite3.connect(f"file:{source}?mode=ro", uri=True), sqlite3.connect(target)
+    with dst:
+        src.backup(dst)
+    src.close()
+    dst.close()
 
 
 def truth_counts(db: Path) -> dict[str, int]:
@@ -273,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, help="ours: first_load_max_in_flight (default 4)")
     parser.add_argument("--dlt-parallel", action="store_true", help="dlt: parallelized resources (default: off, "
                                                                     "dlt's default sequential paging)")
+    parser.add_argument("--sides", default="ours,dlt", help=argparse.SUPPRESS)  # development: one side alone
     parser.add_argument("--keep", action="store_true", help="keep the databases (default: dropped after counting)")
     args = parser.parse_args(argv)
     if args.side:
@@ -294,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-m", "sandbox", "generate", "--size", args.size, "--db", str(source)],
                        check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     store_db = work / "store.sqlite"
-    shutil.copy(source, store_db)  # the serving sandbox writes (its keys): never into the original
+    copy_store(source, store_db)  # the serving sandbox writes (its keys): never into the original
     truth = truth_counts(store_db)
     log = work / "runs.log"
     mode_args = sandbox_mode_args(args)
@@ -335,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         runs = []
         for n in range(args.rounds):
-            for side in ("ours", "dlt"):
+            for side in args.sides.split(","):
                 name = f"vs_{side}_{n}_{int(time.time()) % 100000}"
                 with psycopg.connect(pg.admin_dsn(), autocommit=True) as conn:
                     conn.execute(f"CREATE DATABASE {name} OWNER crm_sync")
@@ -391,6 +403,8 @@ def line(run: dict, n: int) -> str:
 
 
 def report(runs: list[dict], rps: float, in_flight: int, args: argparse.Namespace) -> int:
+    if len({r["side"] for r in runs}) < 2:
+        return 0
     med = {}
     for side in ("ours", "dlt"):
         mine = [r for r in runs if r["side"] == side]
