@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import psycopg
 import pytest
@@ -100,3 +101,36 @@ def test_watch_dag_first_cycle_is_a_first_load(small_store, wired):
         cursor = conn.execute("SELECT cursor_at FROM sync.watermark WHERE entity = 'orders'").fetchone()
     assert cursor and cursor[0] is not None
     assert land_entity("orders", "watch-next").get("mode") != "first_load"
+
+
+def test_a_first_load_killed_half_way_then_rerun_loses_and_doubles_nothing(small_store, wired, airflow_db, dagbag):
+    """The watch DAG's first cycle SIGKILLed mid-load (as the OOM killer would), then run again through Airflow."""
+    import os
+    import signal
+
+    sandbox, proxy = small_store
+    dsn = wired(proxy, first_load_requests_per_second=20, first_load_max_in_flight=2)
+    total = len(Truth(sandbox, proxy.url).export("orders"))
+    proc = subprocess.Popen([sys.executable, "-m", "airflow", "tasks", "test", "store_watch_orders", "land_changes"],
+                            env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    landed, deadline = 0, time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with psycopg.connect(dsn) as conn:
+                landed = conn.execute("SELECT count(*) FROM inbox.record WHERE entity='orders'").fetchone()[0]
+        except psycopg.Error:
+            landed = 0
+        if landed >= 1000:
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 1000 <= landed < total, "the first load must die half way"
+    with psycopg.connect(dsn) as conn:
+        cursor = conn.execute("SELECT cursor_at FROM sync.watermark WHERE entity='orders'").fetchone()
+    assert cursor is None or cursor[0] is None, "a first load killed half way must not look complete"
+    assert dagbag.get_dag("store_watch_orders").test().state == "success"
+    assert_inbox_matches_truth(dsn, Truth(sandbox, proxy.url), "orders")
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM inbox.record WHERE entity='orders'").fetchone()[0] == total

@@ -88,7 +88,7 @@ class Loader:
         self.landed: set[str] = set()
         self.counts: dict[str, dict] = {}
         self.applied: list[dict] = []
-        self.errors: list[str] = []
+        self.errors: list[tuple[str, Exception]] = []
         self._lock = threading.Lock()
         self._changed = threading.Event()
 
@@ -111,8 +111,11 @@ class Loader:
             from store_sync.crm.transform import transform
 
             self.applied += transform(self.dsn)  # whatever arrived after the consumer's last pass
+        if len(self.errors) == 1:
+            raise self.errors[0][1]  # the store's own error (refused key, unreachable...), as a live cycle raises it
         if self.errors:
-            raise RuntimeError("first load failed:\n  " + "\n  ".join(self.errors))
+            raise RuntimeError("first load failed:\n  " + "\n  ".join(
+                f"{name}: {type(exc).__name__}: {exc}" for name, exc in self.errors)) from self.errors[0][1]
         return {"entities": self.counts, "transform": self.applied, "seconds": round(time.monotonic() - started, 2),
                 "requests": self.client.stats.requests}
 
@@ -126,7 +129,13 @@ class Loader:
                 jobs.append((name, lambda s=spec: self._customers(s)))
             else:
                 until = t0 - timedelta(seconds=spec.settle_seconds)
-                for lo, hi in plan_slices(self.client, spec, until, self.threads):
+                try:
+                    slices = plan_slices(self.client, spec, until, self.threads)
+                except Exception as exc:  # the store refused even the planning: a failed run, in words
+                    RunRecord(self.dsn, self.run_id, name, MODE).finish("failed", 0, f"{type(exc).__name__}: {exc}"[:2000])
+                    self._failed(name, exc)
+                    continue
+                for lo, hi in slices:
                     jobs.append((name, lambda s=spec, lo=lo, hi=hi: sync_entity(
                         self.dsn, self.client, s, f"{self.run_id}:{fmt(lo)}", mode=MODE, since=lo - SECOND, until=hi)))
         order = {step: i for i, step in enumerate(sorted({s.transform or "" for s in self.specs.values()}))}
@@ -144,8 +153,7 @@ class Loader:
                     try:
                         counts = future.result()
                     except Exception as exc:  # the other entities go on; the load fails at the end
-                        log.exception("first load of %s failed", name)
-                        self.errors.append(f"{name}: {type(exc).__name__}: {exc}")
+                        self._failed(name, exc)
                         left[name] = -1
                         continue
                     self._add(name, counts)
@@ -153,6 +161,11 @@ class Loader:
                         left[name] -= 1
                         if left[name] == 0:
                             self._entity_done(name, t0)
+
+    def _failed(self, name: str, exc: Exception) -> None:
+        log.error("first load of %s failed: %s: %s", name, type(exc).__name__, exc)
+        with self._lock:
+            self.errors.append((name, exc))
 
     def _add(self, name: str, counts: dict) -> None:
         with self._lock:
@@ -232,7 +245,7 @@ class Loader:
                         self._changed.wait(0.5)
         except Exception as exc:
             log.exception("transform while landing failed")
-            self.errors.append(f"transform: {type(exc).__name__}: {exc}")
+            self._failed("transform", exc)
 
 
 def first_load(dsn: str, client: StoreClient, run_id: str, names: list[str] | None = None, *,
