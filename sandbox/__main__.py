@@ -26,10 +26,16 @@ def default_db(size: str, seed: int) -> Path:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from .api import create_app
-    from .faults import Faults
-    from .simulator import ChangeSimulator, mount_control
+    from .shop import parse_range
 
+    if args.workers < 1:
+        sys.exit(f"--workers must be at least 1, not {args.workers}")
+    if args.max_concurrent < 0:
+        sys.exit(f"--max-concurrent must be 0 (no limit) or more, not {args.max_concurrent}")
+    try:
+        args.page_latency_range = parse_range(args.page_latency)
+    except ValueError as exc:
+        sys.exit(str(exc))
     db = Path(args.db) if args.db else default_db(args.size, args.seed)
     if args.fresh or not db.exists():
         main_generate(str(db), args.size, args.seed, args.timezone)
@@ -39,14 +45,10 @@ def serve(args: argparse.Namespace) -> None:
         if args.read_only_key:
             ck, cs = args.read_only_key.split(":", 1)
             store.db.execute("INSERT OR REPLACE INTO api_keys VALUES (?,?,?)", (ck, cs, "read"))
-    faults = Faults(args.faults, seed=args.seed, slow_seconds=args.slow_seconds)
-    app = create_app(store, faults, stable_sort=args.stable_sort, webhook_delay=args.webhook_delay)
-    if args.change_log:
-        app.state.domain.changes.listeners.append(change_logger(args.change_log))
-    simulator = ChangeSimulator(app.state.domain, args.changes_per_second, seed=args.seed)
-    app.state.simulator = simulator
-    mount_control(app, simulator, faults)
-    simulator.start()
+    if args.prerender:
+        from .prerender import prepare
+
+        prepare(store, jobs=max(args.workers, 2))
     ssl = {}
     if args.tls:
         from .tls import ensure_certificate
@@ -54,9 +56,68 @@ def serve(args: argparse.Namespace) -> None:
         cert, key = ensure_certificate(DATA / "tls")
         ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
     scheme = "https" if args.tls else "http"
+    shop = (f"  page latency={args.page_latency}s/100 records" if args.page_latency else "") + \
+           (f"  max concurrent={args.max_concurrent} (then {args.over_limit})" if args.max_concurrent else "")
     print(f"sandbox store ({args.size}, seed {args.seed}, tz {store.tz}) at {scheme}://{args.host}:{args.port}"
-          f"/wp-json/wc/v3  db={db}  changes/s={args.changes_per_second}  faults={args.faults or 'none'}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, **ssl)
+          f"/wp-json/wc/v3  db={db}  changes/s={args.changes_per_second}  faults={args.faults or 'none'}"
+          f"  workers={args.workers}{'  prerendered' if args.prerender else ''}{shop}", flush=True)
+    store.close()
+    if args.workers == 1:
+        app = build_app(args, db)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, **ssl)
+        return
+    from .workers import Shared, supervise
+
+    shared = Shared(args.faults, args.max_concurrent)
+
+    def run_worker(index: int, sockets, control_path: str) -> None:
+        app = build_app(args, db, index=index, shared=shared, control_path=control_path,
+                        public_url=f"{scheme}://{args.host}:{args.port}")
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, **ssl)
+        uvicorn.Server(config).run(sockets=sockets)
+
+    supervise(args.workers, args.host, args.port, run_worker)
+
+
+def build_app(args: argparse.Namespace, db: Path, index: int = 0, shared=None, control_path: str | None = None,
+              public_url: str | None = None):
+    """One worker's app. Worker 0 (the only one without ``--workers``) runs the change simulator."""
+    from .api import create_app
+    from .faults import Faults
+    from .shop import Shop
+    from .simulator import ChangeSimulator, mount_control
+
+    store = Store(db, shared_clock=shared.clock if shared else None)
+    # Each worker draws its own faults and latencies (worker 0 as a single process would).
+    faults = Faults(args.faults, seed=args.seed + index, slow_seconds=args.slow_seconds,
+                    shared=shared.faults if shared else None)
+    shop = Shop(args.page_latency_range, args.max_concurrent, args.over_limit, seed=args.seed + index,
+                slots=shared.slots if shared else None)
+    app = create_app(store, faults, stable_sort=args.stable_sort, webhook_delay=args.webhook_delay, shop=shop,
+                     public_url=public_url, prerender=args.prerender, shuffle_related=not args.fixed_related)
+    if args.change_log:
+        app.state.domain.changes.listeners.append(change_logger(args.change_log))
+    if shared is not None:
+        app.state.domain.changes.listeners.append(shared.count_event)
+    if index == 0:
+        simulator = ChangeSimulator(app.state.domain, args.changes_per_second, seed=args.seed)
+        if shared is not None:
+            simulator.events_source = shared.store_events  # every worker's writes, not worker 0's only
+        app.state.simulator = simulator
+        mount_control(app, simulator, faults)
+        simulator.start()
+    else:
+        from .workers import mount_forward
+
+        mount_forward(app, control_path, tls=args.tls)
+    if args.prerender and index == 0:
+        from .prerender import Renderer
+
+        renderer = Renderer(store)
+        app.state.renderer = renderer
+        app.router.on_startup.append(renderer.start)
+        app.router.on_shutdown.append(renderer.stop)
+    return app
 
 
 def change_logger(path: str):
@@ -129,6 +190,19 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--webhook-delay", type=float, default=0.5)
     s.add_argument("--log-level", default="warning")
     s.add_argument("--change-log", help="append every change (with its exact time) to this JSON-lines file")
+    s.add_argument("--workers", type=int, default=1,
+                   help="worker processes serving the store (one simulator, shared faults and limits)")
+    s.add_argument("--prerender", action="store_true",
+                   help="for benchmarks: answer list pages from per-record JSON rendered once and kept in the store "
+                        "(re-rendered on every write); answers stay the same")
+    s.add_argument("--page-latency", metavar="LOW-HIGH",
+                   help="a hosted shop's speed: seconds per list page of 100 records (scaled with per_page), e.g. 1-3")
+    s.add_argument("--max-concurrent", type=int, default=0,
+                   help="requests in flight (over every worker) past which the host refuses (0: no limit)")
+    s.add_argument("--over-limit", type=int, choices=[429, 503], default=503,
+                   help="what the host answers past --max-concurrent: 503 (nginx limit_conn) or 429 with Retry-After")
+    s.add_argument("--fixed-related", action="store_true",
+                   help="kinder than a real store: related_ids in one fixed order (a real store shuffles them per read)")
     s.set_defaults(func=serve)
     g = sub.add_parser("generate", help="generate a store file and exit")
     g.add_argument("--size", choices=list(SIZES), default="tiny")

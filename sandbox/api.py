@@ -22,6 +22,7 @@ from .auth import WWW_AUTH, authenticate, check_permissions
 from .catalog import ORDER_STATUS_LABELS, SUBSCRIPTION_STATUS_LABELS
 from .domain import Domain, StoreError, UncaughtException, enum_error, invalid_params
 from .faults import GATEWAY, PHP_FATAL, PHP_NOTICE, Faults
+from .shop import Shop
 from .storage import WP_FORMAT, Store
 from .webhooks import WebhookDeliverer, default_secret
 
@@ -204,7 +205,9 @@ def fields_filter(q: Query):
     return apply
 
 
-def paged_response(request: Request, q: Query, docs: list[dict], total: int, page: int, per_page: int) -> JSONResponse:
+def paged_response(request: Request, q: Query, docs: list[dict] | None, total: int, page: int, per_page: int,
+                   raw: str | None = None) -> Response:
+    """A list page: the records (or ``raw``, the page's JSON as pre-rendered) and the paging headers."""
     pages = math.ceil(total / per_page) if total else 0
     base = f"{request.url.scheme}://{request.url.netloc}{request.url.path}"
     params = [(k, v) for k, v in q.items if k != "page"]
@@ -216,37 +219,58 @@ def paged_response(request: Request, q: Query, docs: list[dict], total: int, pag
     headers = {"X-WP-Total": str(total), "X-WP-TotalPages": str(pages)}
     if links:
         headers["Link"] = ", ".join(links)
+    faults = request.app.state.faults
+    if raw is not None:
+        rates = faults.rates
+        if not q.get("_fields") and not rates.get("garbage") and not rates.get("junk"):
+            return Response(raw.encode(), media_type="application/json", headers=headers)
+        docs = json.loads(raw)  # the same records as a live rendering: shaped and faulted below
     shape = fields_filter(q)
     docs = [shape(d) for d in docs]
     garbled = [d for d in docs if "total" in d]
-    if garbled and request.app.state.faults.roll("garbage"):
+    if garbled and faults.roll("garbage"):
         random.choice(garbled)["total"] = "N/A"
-    if docs and request.app.state.faults.roll("junk"):
+    if docs and faults.roll("junk"):
         # A plugin's filter on the REST response left an element that is no record.
         docs[random.randrange(len(docs))] = random.choice([False, None, "", {"id": None}, {"name": "no id"}])
     return JSONResponse(docs, headers=headers)
 
 
 def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = False,
-               webhook_delay: float = 0.5) -> FastAPI:
+               webhook_delay: float = 0.5, shop: Shop | None = None, public_url: str | None = None,
+               prerender: bool = False, shuffle_related: bool = True) -> FastAPI:
     app = FastAPI(title="Sandbox store (WooCommerce REST API v3)", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store = store
     app.state.faults = faults or Faults()
     app.state.stable_sort = stable_sort
+    app.state.shop = shop or Shop()
+    # A real store shuffles related_ids on every read (wc_get_related_products); --fixed-related is kinder.
+    related_rng = random.Random() if shuffle_related else None
+    app.state.related_rng = related_rng
+    pages = None
+    if prerender:
+        from .prerender import Pages
+
+        pages = Pages(store, related_rng)
+    app.state.pages = pages
     domain = Domain(store)
     app.state.domain = domain
-    base_holder = {"base": "http://sandbox.local" + NS}
+    # Links and webhook sources follow the URL of the last request; a worker that has served none yet
+    # (several workers) starts from the URL it serves at.
+    base_holder = {"base": (public_url or "http://sandbox.local") + NS}
 
     def render(resource: str, record_id: int):
         base = base_holder["base"]
         fn = {"order": lambda ids: project.orders(store, ids, base),
               "subscription": lambda ids: project.orders(store, ids, base, "shop_subscription"),
-              "product": lambda ids: project.products(store, ids, base),
+              "product": lambda ids: project.products(store, ids, base, related_rng),
               "customer": lambda ids: project.customers(store, ids, base)}[resource]
         docs = fn([record_id])
         return docs[0] if docs else None
 
     hooks = WebhookDeliverer(store, render, delay=webhook_delay)
+    if public_url:
+        hooks.source_url = public_url + "/"
     domain.changes.listeners.append(hooks.on_change)
     app.state.webhooks = hooks
 
@@ -260,10 +284,32 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
 
     # -- middleware: faults, auth, errors ------------------------------------------------------
     @app.middleware("http")
+    async def host(request: Request, call_next):
+        """The host in front of PHP: its limit on requests in flight, and the shop's own slowness."""
+        if not request.url.path.startswith("/wp-json"):
+            return await call_next(request)
+        limits = app.state.shop
+        if not limits.enter():
+            return limits.refusal()
+        try:
+            started = time.monotonic()
+            response = await gate(request, call_next)
+            if limits.page_latency:
+                per_page = None
+                if "x-wp-total" in response.headers or "x-wp-totalpages" in response.headers:
+                    try:
+                        per_page = int(request.query_params.get("per_page") or 10)
+                    except ValueError:
+                        per_page = 10
+                delay = limits.seconds(per_page) - (time.monotonic() - started)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            return response
+        finally:
+            limits.leave()
+
     async def gate(request: Request, call_next):
         path = request.url.path
-        if not path.startswith("/wp-json"):
-            return await call_next(request)
         base_holder["base"] = f"{request.url.scheme}://{request.url.netloc}{NS}"
         hooks.source_url = f"{request.url.scheme}://{request.url.netloc}/"
         f = app.state.faults
@@ -477,7 +523,7 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
         start = offset if offset is not None else (page - 1) * per_page
         ids = [r[0] for r in store.db.execute(
             f"SELECT id FROM users WHERE {sql_where} ORDER BY {order_sql} LIMIT ? OFFSET ?", [*args, per_page, start])]
-        return paged_response(request, q, project.customers(store, ids, base(request)), total, page, per_page)
+        return list_answer(request, q, "customers", ids, total, page, per_page)
 
     def customer_or_404(request: Request, uid: int) -> dict:
         docs = project.customers(store, [uid], base(request))
@@ -607,15 +653,24 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
                 store.touch_post(victim)
         return q, ids, total, page, per_page
 
+    def list_answer(request: Request, q: Query, rest: str, ids: list[int], total: int, page: int, per_page: int):
+        """The page of ``ids``: from the pre-rendered bodies with ``--prerender``, else rendered now."""
+        if pages is not None:
+            raw = pages.page(rest, ids, base(request), lambda missing: project_posts(request, rest, missing))
+            return paged_response(request, q, None, total, page, per_page, raw=raw)
+        return paged_response(request, q, project_posts(request, rest, ids), total, page, per_page)
+
     def project_posts(request: Request, rest: str, ids: list[int]) -> list[dict]:
         b = base(request)
+        if rest == "customers":
+            return project.customers(store, ids, b)
         if rest == "orders":
             return project.orders(store, ids, b)
         if rest == "subscriptions":
             return project.orders(store, ids, b, "shop_subscription")
         if rest == "refunds":
             return project.refunds(store, ids, b)
-        return project.products(store, ids, b)
+        return project.products(store, ids, b, related_rng)
 
     def product_filters(q: Query, where: list[str], args: list) -> None:
         if ptype := q.get("type"):
@@ -639,7 +694,7 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
         q, ids, total, page, per_page = list_posts(
             request, "product", statuses=("draft", "pending", "private", "publish", "future"),
             orderby_allowed=ORDERBY["products"], extra=product_filters)
-        return paged_response(request, q, project_posts(request, "products", ids), total, page, per_page)
+        return list_answer(request, q, "products", ids, total, page, per_page)
 
     @app.get(NS + "/products/{pid}/variations")
     def list_variations(request: Request, pid: int):
@@ -648,7 +703,7 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
         q, ids, total, page, per_page = list_posts(
             request, "product_variation", statuses=("draft", "pending", "private", "publish", "future"),
             orderby_allowed=ORDERBY["posts"], parent_in=[pid])
-        return paged_response(request, q, project_posts(request, "products", ids), total, page, per_page)
+        return list_answer(request, q, "products", ids, total, page, per_page)
 
     @app.get(NS + "/products/{pid}/variations/{vid}")
     def get_variation(request: Request, pid: int, vid: int):
@@ -662,19 +717,19 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
         q, ids, total, page, per_page = list_posts(
             request, "shop_order", statuses=tuple(ORDER_STATUS_LABELS), orderby_allowed=ORDERBY["posts"],
             extra=order_filters)
-        return paged_response(request, q, project_posts(request, "orders", ids), total, page, per_page)
+        return list_answer(request, q, "orders", ids, total, page, per_page)
 
     @app.get(NS + "/subscriptions")
     def list_subscriptions(request: Request):
         q, ids, total, page, per_page = list_posts(
             request, "shop_subscription", statuses=tuple(SUBSCRIPTION_STATUS_LABELS), orderby_allowed=ORDERBY["posts"])
-        return paged_response(request, q, project_posts(request, "subscriptions", ids), total, page, per_page)
+        return list_answer(request, q, "subscriptions", ids, total, page, per_page)
 
     @app.get(NS + "/refunds")
     def list_refunds(request: Request):
         q, ids, total, page, per_page = list_posts(
             request, "shop_order_refund", statuses=None, orderby_allowed=ORDERBY["posts"])
-        return paged_response(request, q, project_posts(request, "refunds", ids), total, page, per_page)
+        return list_answer(request, q, "refunds", ids, total, page, per_page)
 
     @app.get(NS + "/orders/{oid}/refunds")
     def list_order_refunds(request: Request, oid: int):
@@ -682,7 +737,7 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
             raise StoreError("woocommerce_rest_order_invalid_id", "Invalid order ID.", 404)
         q, ids, total, page, per_page = list_posts(
             request, "shop_order_refund", statuses=None, orderby_allowed=ORDERBY["posts"], parent_in=[oid])
-        return paged_response(request, q, project_posts(request, "refunds", ids), total, page, per_page)
+        return list_answer(request, q, "refunds", ids, total, page, per_page)
 
     @app.post(NS + "/orders/{oid}/refunds", status_code=201)
     async def create_order_refund(request: Request, oid: int):

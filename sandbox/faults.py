@@ -41,13 +41,43 @@ GATEWAY = "<html><head><title>{code} {reason}</title></head><body><center><h1>{c
 PHP_NOTICE = "<br />\n<b>Notice</b>:  Undefined index: billing in <b>/var/www/html/wp-content/plugins/x.php</b> on line <b>42</b><br />\n"
 
 
+class SharedFaults:
+    """The fault spec and the counts in shared memory, for ``serve --workers N``: created before the
+    workers are forked, so a spec set through ``/sandbox/control`` (answered by any worker) applies to
+    every worker's next request, and ``/sandbox/stats`` counts every worker's faults."""
+
+    SPEC_BYTES = 8192
+
+    def __init__(self, spec: str = ""):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        self.lock = ctx.Lock()
+        self.spec = ctx.RawArray("c", self.SPEC_BYTES)
+        self.version = ctx.RawValue("q", 0)
+        self.counts = ctx.RawArray("q", len(KINDS))
+        self.set_spec(spec)
+
+    def set_spec(self, spec: str) -> None:
+        data = spec.encode()
+        if len(data) >= self.SPEC_BYTES:
+            raise ValueError(f"fault spec longer than {self.SPEC_BYTES - 1} bytes")
+        with self.lock:
+            self.spec.value = data
+            self.version.value += 1
+
+
 class Faults:
-    def __init__(self, spec: str = "", seed: int = 1, slow_seconds: float = 1.5):
-        self.rates: dict[str, float] = self.parse(spec)
+    def __init__(self, spec: str = "", seed: int = 1, slow_seconds: float = 1.5, shared: SharedFaults | None = None):
+        self._rates: dict[str, float] = self.parse(spec)
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.slow_seconds = slow_seconds
-        self.counts: dict[str, int] = {k: 0 for k in KINDS}  # faults injected so far, by kind
+        self.shared = shared
+        self._seen = -1
+        self._counts: dict[str, int] = {k: 0 for k in KINDS}  # faults injected so far, by kind
+        if shared is not None:
+            shared.set_spec(spec)
 
     @staticmethod
     def parse(spec: str) -> dict[str, float]:
@@ -59,11 +89,30 @@ class Faults:
             rates[kind] = float(rate or 1.0)
         return rates
 
+    @property
+    def rates(self) -> dict[str, float]:
+        shared = self.shared
+        if shared is not None and shared.version.value != self._seen:  # another worker changed the spec
+            with shared.lock:
+                version, spec = shared.version.value, shared.spec.value.decode()
+            self._rates, self._seen = self.parse(spec), version
+        return self._rates
+
+    @property
+    def counts(self) -> dict[str, int]:
+        if self.shared is None:
+            return self._counts
+        with self.shared.lock:
+            return dict(zip(KINDS, self.shared.counts, strict=True))
+
     def configure(self, spec: str) -> None:
         """Replace the rates at run time (the counts go on)."""
         rates = self.parse(spec)
         with self.lock:
-            self.rates = rates
+            if self.shared is not None:
+                self.shared.set_spec(spec)
+            else:
+                self._rates = rates
 
     def roll(self, kind: str) -> bool:
         rate = self.rates.get(kind, 0.0)
@@ -71,9 +120,14 @@ class Faults:
             return False
         with self.lock:
             hit = self.rng.random() < rate
-            if hit:
-                self.counts[kind] += 1
-            return hit
+        if hit:
+            if self.shared is not None:
+                with self.shared.lock:
+                    self.shared.counts[KINDS.index(kind)] += 1
+            else:
+                with self.lock:
+                    self._counts[kind] += 1
+        return hit
 
     def pick_request_fault(self) -> str | None:
         """The fault (if any) that replaces the response before the handler runs."""
@@ -89,4 +143,4 @@ class Faults:
         return None
 
     def clear(self) -> None:
-        self.rates.clear()
+        self.configure("")

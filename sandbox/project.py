@@ -129,15 +129,23 @@ def _ids(value) -> list[int]:
     return [int(x) for x in (value or [])]
 
 
-def _related(store: Store, pid: int, upsells: list[int]) -> list[int]:
-    """``wc_get_related_products`` (limit 5): published products sharing a category, not the product
-    itself nor its up-sells. The store shuffles them on every call; the sandbox keeps a fixed order."""
-    exclude = {pid, *upsells}
+def _related(store: Store, pid: int, rng=None) -> list[int]:
+    """``wc_get_related_products( $product->get_id() )`` as the REST API calls it (``api_get_related_ids``,
+    plugins/woocommerce/includes/rest-api/Controllers/Version2/class-wc-rest-products-v2-controller.php):
+    limit 5, no exclusions but the product itself (up-sells are not excluded there). The data store
+    query fetches ``$limit + 10`` published products sharing a category, then the function **shuffles**
+    them on every call and keeps the first 5 (``shuffle( $related_posts ); return array_slice(...)``,
+    plugins/woocommerce/includes/wc-product-functions.php): both the order and the five change per read.
+    ``upsell_ids`` / ``cross_sell_ids`` are the stored meta in stored order (``get_upsell_ids`` /
+    ``get_cross_sell_ids``, no shuffle). Without ``rng`` (export, ``--fixed-related``): a fixed order."""
     rows = store.db.execute(
         "SELECT DISTINCT p.id FROM term_relationships a JOIN term_relationships b ON b.term_id=a.term_id "
         "JOIN posts p ON p.id=b.object_id AND p.post_type='product' AND p.post_status='publish' "
-        "WHERE a.object_id=? ORDER BY (p.id * 7919) % 1009, p.id LIMIT 12", (pid,)).fetchall()
-    return [r[0] for r in rows if r[0] not in exclude][:5]
+        "WHERE a.object_id=? AND p.id<>? ORDER BY (p.id * 7919) % 1009, p.id LIMIT 15", (pid, pid)).fetchall()
+    pool = [r[0] for r in rows]
+    if rng is not None:
+        rng.shuffle(pool)
+    return pool[:5]
 
 
 # The fields of a variation (class-wc-rest-product-variations-controller.php prepare_object_for_response).
@@ -152,8 +160,13 @@ VARIATION_FIELDS = (
 )
 
 
-def products(store: Store, ids: list[int], base: str) -> list[dict]:
-    """Products and variations with every field of ``get_product_data`` (Version3 products controller)."""
+RELATED_MARK = "\x00related_ids"  # prerender: where a read puts its own related_ids (see prerender.py)
+
+
+def products(store: Store, ids: list[int], base: str, related_rng=None, related=None) -> list[dict]:
+    """Products and variations with every field of ``get_product_data`` (Version3 products controller).
+
+    ``related_rng`` shuffles related_ids as a real store does; ``related(pid)`` replaces them (prerender)."""
     if not ids:
         return []
     site = base.split("/wp-json")[0]
@@ -236,7 +249,7 @@ def products(store: Store, ids: list[int], base: str) -> list[dict]:
                            for n, a in enumerate(m.get("_product_attributes") or [])],
             "default_attributes": [], "variations": variations[pid], "grouped_products": _ids(m.get("_children")),
             "menu_order": p["menu_order"], "price_html": _price_html(price, regular, sale),
-            "related_ids": [] if is_variation else _related(store, pid, upsells),
+            "related_ids": [] if is_variation else (related(pid) if related else _related(store, pid, related_rng)),
             "meta_data": visible_meta(metas[pid], PRODUCT_INTERNAL_META),
             "stock_status": stock_status, "has_options": ptype == "variable",
             "post_password": "",

@@ -55,6 +55,7 @@ class ChangeSimulator:
         self.events: Counter[str] = Counter()  # what the store emitted ("order.updated"), whoever wrote
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="simulator", daemon=True)
+        self.events_source = None  # with several workers: every worker's store events, from shared memory
         domain.changes.listeners.append(self._on_change)
 
     def _on_change(self, resource: str, event: str, record_id: int) -> None:
@@ -93,7 +94,8 @@ class ChangeSimulator:
         with self.lock:
             return {"running": self.thread.is_alive() and not self.stop_event.is_set(), "rate": self.rate,
                     "steps": self.done, "changes": dict(self.counts), "refused": dict(self.refused),
-                    "bulk_records": dict(self.records), "store_events": dict(self.events)}
+                    "bulk_records": dict(self.records),
+                    "store_events": self.events_source() if self.events_source else dict(self.events)}
 
     def _run(self) -> None:
         next_at = time.monotonic()
@@ -139,7 +141,10 @@ class ChangeSimulator:
         """One change of the mix; returns its name ("-name" when there was nothing to change)."""
         action = action or self.rng.choices([a for a, _ in self.mix], [w for _, w in self.mix])[0]
         try:
-            done = self._step(action)
+            # One change at a time against every other writer (other workers included): a save is a
+            # read-then-write sequence (MAX(id) + 1, update-or-insert meta).
+            with self.domain.store.write_lock:
+                done = self._step(action)
         except StoreError as exc:
             exc.action = action
             raise
@@ -297,8 +302,15 @@ def mount_control(app, simulator: ChangeSimulator, faults) -> None:
         with faults.lock:
             injected = {k: v for k, v in faults.counts.items() if v}
             rates = dict(faults.rates)
-        return {"simulator": simulator.stats(), "faults": injected, "fault_rates": rates,
-                "clock_offset_seconds": simulator.domain.store.clock_offset.total_seconds()}
+        out = {"simulator": simulator.stats(), "faults": injected, "fault_rates": rates,
+               "clock_offset_seconds": simulator.domain.store.clock_offset.total_seconds()}
+        renderer = getattr(app.state, "renderer", None)
+        if renderer is not None:
+            out["prerender"] = {"rendered_since_start": renderer.rendered, "pending": renderer.pending()}
+        shop = getattr(app.state, "shop", None)
+        if shop is not None and shop.max_concurrent:
+            out["host"] = {"max_concurrent": shop.max_concurrent, "in_flight": shop.in_flight()}
+        return out
 
     @app.post("/sandbox/control")
     async def sandbox_control(request: Request):

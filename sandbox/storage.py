@@ -18,7 +18,9 @@ WooCommerce's ``meta_data[].value`` is typed ``mixed``.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
@@ -116,16 +118,72 @@ def loads(text):
     return None if text is None else json.loads(text)
 
 
+class WriteLock:
+    """One writer at a time, across threads and processes (``serve --workers N``): a thread lock, then
+    an ``flock`` on a file beside the store. Re-entrant, as the ``RLock`` it replaces.
+
+    SQLite's own lock keeps single statements safe across processes (WAL + busy_timeout), but not the
+    read-then-write sequences of a WooCommerce save (``MAX(id) + 1``, update-or-insert meta)."""
+
+    def __init__(self, path: str):
+        self.path = path + ".writelock"
+        self._thread = threading.RLock()
+        self._depth = 0
+        self._fd: int | None = None
+        self._pid = 0
+
+    def __enter__(self) -> WriteLock:
+        self._thread.acquire()
+        try:
+            if self._depth == 0:
+                if self._pid != os.getpid():  # a forked worker opens its own (flock is per open file)
+                    self._fd, self._pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), os.getpid()
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread.release()
+            raise
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._thread.release()
+
+
 class Store:
     """One SQLite file; a connection per thread, one writer at a time (as a WordPress DB row lock would)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, shared_clock=None):
         self.path = str(path)
         self._local = threading.local()
-        self.write_lock = threading.RLock()
+        self.write_lock = WriteLock(self.path)
         self._tz: ZoneInfo | None = None
         self._lists: dict[str, int] | None = None
-        self.clock_offset = timedelta(0)  # fault "clock skew" moves the store's clock
+        self._clock_offset = timedelta(0)
+        self.shared_clock = shared_clock  # a multiprocessing.Value('d') when several workers serve the store
+
+    @property
+    def clock_offset(self) -> timedelta:
+        """Fault "clock skew" moves the store's clock (one clock for every worker: one database server)."""
+        if self.shared_clock is not None:
+            return timedelta(seconds=self.shared_clock.value)
+        return self._clock_offset
+
+    @clock_offset.setter
+    def clock_offset(self, value: timedelta) -> None:
+        if self.shared_clock is not None:
+            self.shared_clock.value = value.total_seconds()
+        else:
+            self._clock_offset = value
+
+    def close(self) -> None:
+        """Close this thread's connection (before a fork: a child must not share it)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
 
     # -- connections -----------------------------------------------------------------------
     @property

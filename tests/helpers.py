@@ -26,10 +26,16 @@ def free_port() -> int:
 
 
 class SandboxProcess:
-    """``python -m sandbox serve`` on a free loopback port, as a user would start it."""
+    """``python -m sandbox serve`` on a free loopback port, as a user would start it.
+
+    ``extra`` (or ``extra_args``) are more ``serve`` flags: ``["--workers", "3", "--prerender",
+    "--page-latency", "1-3", "--max-concurrent", "4"]``. ``start_timeout``: seconds to wait for the first
+    answer (pre-rendering a large store takes minutes the first time)."""
 
     def __init__(self, tmp: Path, *, size: str = "tiny", seed: int = 1, tls: bool = False, extra: list[str] | None = None,
-                 fresh: bool = True, db: Path | None = None, port: int | None = None):
+                 fresh: bool = True, db: Path | None = None, port: int | None = None,
+                 extra_args: list[str] | None = None, start_timeout: float = 120):
+        extra = [*(extra or []), *(extra_args or [])]
         self.port = port or free_port()
         self.db = db or tmp / f"store-{size}-{seed}-{self.port}.sqlite"
         self.scheme = "https" if tls else "http"
@@ -41,7 +47,7 @@ class SandboxProcess:
         self.log = open(tmp / f"sandbox-{self.port}.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.cert = tmp / "tls" / "sandbox-cert.pem"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + start_timeout
         while True:
             try:
                 requests.get(self.api, timeout=1, verify=False)
