@@ -74,7 +74,8 @@ def side_ours(args: argparse.Namespace) -> dict:
 
     hook = StoreApiHook()
     hook.overrides = hook.first_load_budget()
-    result = first_load(ready_crm(), hook.get_client(), f"vs-dlt-{int(time.time())}", OURS)
+    result = first_load(ready_crm(), hook.get_client(), f"vs-dlt-{int(time.time())}", OURS,
+                        transform=not os.environ.get("VS_DLT_LAND_ONLY"))  # diagnosis: landing alone
     return {"requests": result["requests"], "load_seconds": result["seconds"],
             "retries": hook.get_client().stats.retries, "throttled": hook.get_client().stats.throttled}
 
@@ -285,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dlt-parallel", action="store_true", help="dlt: parallelized resources (default: off, "
                                                                     "dlt's default sequential paging)")
     parser.add_argument("--sides", default="ours,dlt", help=argparse.SUPPRESS)  # development: one side alone
+    parser.add_argument("--fresh-copy", action="store_true", help="copy the store again (default: reuse the copy "
+                                                                  "in .data/vs-dlt/, pre-rendered pages included)")
     parser.add_argument("--keep", action="store_true", help="keep the databases (default: dropped after counting)")
     args = parser.parse_args(argv)
     if args.side:
@@ -305,13 +308,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Generating the {args.size} store into {source}…", flush=True)
         subprocess.run([sys.executable, "-m", "sandbox", "generate", "--size", args.size, "--db", str(source)],
                        check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    store_db = work / "store.sqlite"
-    copy_store(source, store_db)  # the serving sandbox writes (its keys): never into the original
+    # The serving sandbox writes (its keys, the pre-rendered pages): never into the original. The copy is
+    # kept for the next run (pre-rendering a medium store takes minutes); --fresh-copy makes a new one.
+    store_db = REPO / ".data" / "vs-dlt" / f"{source.stem}-copy.sqlite"
+    store_db.parent.mkdir(parents=True, exist_ok=True)
+    if args.fresh_copy or not store_db.exists():
+        store_db.unlink(missing_ok=True)
+        copy_store(source, store_db)
     truth = truth_counts(store_db)
     log = work / "runs.log"
     mode_args = sandbox_mode_args(args)
 
-    pg = EmbeddedPostgres()
+    # A server of its own per mode: its CPU is this run's alone (not the tests', not another bench's).
+    pg = EmbeddedPostgres(REPO / ".data" / "vs-dlt" / f"pg-{args.mode}")
     own_pg = not pg.is_running()
     pg.start()
     port = free_port()
@@ -386,7 +395,6 @@ def main(argv: list[str] | None = None) -> int:
         if own_pg:
             pg.stop()
         print(f"(logs in {work})")
-        store_db.unlink(missing_ok=True)
 
 
 def cpu(run: dict) -> float:
