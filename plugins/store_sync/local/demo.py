@@ -9,8 +9,9 @@
   webhooks registered through the package's own registration (``store_sync.store.webhooks``).
 
 It prints the UI address and login, then runs until Ctrl-C and stops everything it started.
-``--once`` runs one full cycle headless with the DAG tasks' own code (land every entity, transform,
-check), prints the row count of every CRM table and exits 0.
+``--once`` runs one full cycle headless with the package's own code: on an empty CRM the first load
+(every entity at once on the first-load budget, the transform applied while rows arrive), else one live
+cycle of each entity; then the checks; it prints the row count of every CRM table and exits 0.
 """
 
 from __future__ import annotations
