@@ -111,16 +111,15 @@ class RequestBudget:
             self.latency_slowdowns += 1
 
 
-_BUDGETS: dict[tuple[str, str], RequestBudget] = {}
+_BUDGETS: dict[str, RequestBudget] = {}
 _BUDGETS_LOCK = threading.Lock()
 
 
-def shared_budget(store_url: str, requests_per_second: float, max_in_flight: int, lane: str = "live") -> RequestBudget:
-    """One budget per (store, lane): a first load spends its own lane's limits, not live sync's."""
+def shared_budget(store_url: str, requests_per_second: float, max_in_flight: int) -> RequestBudget:
     with _BUDGETS_LOCK:
-        budget = _BUDGETS.get((store_url, lane))
+        budget = _BUDGETS.get(store_url)
         if budget is None:
-            budget = _BUDGETS[(store_url, lane)] = RequestBudget(requests_per_second, max_in_flight)
+            budget = _BUDGETS[store_url] = RequestBudget(requests_per_second, max_in_flight)
         return budget
 
 
@@ -180,7 +179,7 @@ class StoreClient:
                  api_path: str = DEFAULT_API_PATH, timeout: float = 30.0, verify: bool | str = True,
                  requests_per_second: float = 5.0, max_in_flight: int = 3, max_retries: int = 6,
                  backoff_base: float = 0.5, backoff_max: float = 30.0, query_string_auth: bool = False,
-                 budget: RequestBudget | None = None, lane: str = "live"):
+                 budget: RequestBudget | None = None):
         if not store_url:
             raise ValueError("the store connection has no host: set it to the shop's URL, e.g. https://shop.example.com")
         if "://" not in store_url:
@@ -194,8 +193,7 @@ class StoreClient:
         self.timeout, self.verify = timeout, verify
         self.max_retries, self.backoff_base, self.backoff_max = max_retries, backoff_base, backoff_max
         self.query_string_auth = query_string_auth
-        self.lane = lane
-        self.budget = budget or shared_budget(self.store_url, requests_per_second, max_in_flight, lane)
+        self.budget = budget or shared_budget(self.store_url, requests_per_second, max_in_flight)
         self.stats = ClientStats()
         self._local = threading.local()
 

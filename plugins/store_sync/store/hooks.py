@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from airflow.sdk import BaseHook
 
-from store_sync.store.client import DEFAULT_API_PATH, StoreClient
+from store_sync.store.client import DEFAULT_API_PATH, StoreClient, shared_budget
 from store_sync.store.config import FALSE, TRUE, ConfigError, as_bool, as_number
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,12 @@ class StoreApiHook(BaseHook):
             if url.startswith("http://") and host not in LOOPBACK:
                 log.warning("store connection %r says plain HTTP (%s): requests are signed but travel unencrypted; "
                             "write https:// in the host for a shop on the internet", self.store_conn_id, url)
-            self._client = StoreClient(url, conn.login or "", conn.password or "",
-                                       **{**self.client_options(), **self.overrides})
+            options = {**self.client_options(), **self.overrides}
+            lane = options.pop("lane", "live")
+            if lane != "live" and options.get("budget") is None:  # a lane's budget is its own (first loads)
+                options["budget"] = shared_budget(f"{url}#{lane}", options["requests_per_second"],
+                                                  options["max_in_flight"])
+            self._client = StoreClient(url, conn.login or "", conn.password or "", **options)
         return self._client
 
     def test_connection(self) -> tuple[bool, str]:
