@@ -21,6 +21,24 @@ SELECT l.id::text, format('product %s of line %s is neither in the CRM nor queue
 FROM crm.sales_order_line l
 WHERE l.product_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM crm.product p WHERE p.id = l.product_id)
   AND NOT EXISTS (SELECT 1 FROM sync.fetch_request f WHERE f.entity = 'products' AND f.source_key = l.product_id::text);
+-- name: order_parts_have_their_order
+-- (declared NOT ENFORCED on PostgreSQL 18+, see migration 0050: checked here, set-based)
+SELECT format('%s %s', t, id), format('refers to order %s, which the CRM does not have', order_id) FROM (
+    SELECT 'address' t, kind id, order_id FROM crm.sales_order_address UNION ALL
+    SELECT 'line', id::text, order_id FROM crm.sales_order_line UNION ALL
+    SELECT 'tax line', id::text, order_id FROM crm.sales_order_tax UNION ALL
+    SELECT 'shipping line', id::text, order_id FROM crm.sales_order_shipping UNION ALL
+    SELECT 'fee line', id::text, order_id FROM crm.sales_order_fee UNION ALL
+    SELECT 'coupon line', id::text, order_id FROM crm.sales_order_coupon UNION ALL
+    SELECT 'meta', meta_id::text, order_id FROM crm.sales_order_meta UNION ALL
+    SELECT 'shipment', '', order_id FROM crm.shipment UNION ALL
+    SELECT 'unmapped fields', '', order_id FROM crm.sales_order_extra_fields) p
+WHERE NOT EXISTS (SELECT 1 FROM crm.sales_order o WHERE o.id = p.order_id)
+UNION ALL
+SELECT format('line %s %s', t, line_id), format('refers to order line %s, which the CRM does not have', line_id) FROM (
+    SELECT 'tax' t, line_id FROM crm.sales_order_line_tax UNION ALL
+    SELECT 'meta', line_id FROM crm.sales_order_line_meta) p
+WHERE NOT EXISTS (SELECT 1 FROM crm.sales_order_line l WHERE l.id = p.line_id);
 -- name: categories_have_paths
 SELECT id::text, 'no path from a root (a cycle?)' FROM crm.product_category WHERE deleted_at IS NULL AND path = '';
 -- name: buyers_are_contacts

@@ -15,7 +15,7 @@ ON CONFLICT (id) DO UPDATE SET source_parent_id = EXCLUDED.source_parent_id, slu
     landed_inbox_id = EXCLUDED.landed_inbox_id
 WHERE crm.product_category.landed_inbox_id <= EXCLUDED.landed_inbox_id;
 -- Every field the registry's `mapped` list does not name: kept in the extra table, by path.
-SELECT sync.keep_unmapped('product_categories', 'crm.product_category', 'crm.product_category_extra', 'category_id');
+SELECT sync.keep_unmapped('product_categories', 'crm.product_category', 'crm.product_category_extra_fields', 'category_id');
 
 -- A parent the CRM lacks or the store deleted makes an orphan: it hangs from the root, flagged.
 UPDATE crm.product_category c

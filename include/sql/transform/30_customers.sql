@@ -19,7 +19,7 @@ ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, first_name = EXCLUDED.fir
     source_modified_at = EXCLUDED.source_modified_at, deleted_at = NULL, landed_run_id = EXCLUDED.landed_run_id,
     landed_inbox_id = EXCLUDED.landed_inbox_id;
 -- Every field the registry's `mapped` list does not name: kept in the extra table, by path.
-SELECT sync.keep_unmapped('customers', 'crm.customer', 'crm.customer_extra', 'customer_id');
+SELECT sync.keep_unmapped('customers', 'crm.customer', 'crm.customer_extra_fields', 'customer_id');
 
 DELETE FROM crm.customer_address WHERE customer_id IN (SELECT source_key::bigint FROM b);
 INSERT INTO crm.customer_address (customer_id, kind, first_name, last_name, company, address_1, address_2, city,

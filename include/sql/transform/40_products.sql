@@ -24,7 +24,7 @@ ON CONFLICT (id) DO UPDATE SET parent_id = EXCLUDED.parent_id, type = EXCLUDED.t
     source_modified_at = EXCLUDED.source_modified_at, deleted_at = EXCLUDED.deleted_at,
     landed_run_id = EXCLUDED.landed_run_id, landed_inbox_id = EXCLUDED.landed_inbox_id;
 -- Every field the registry's `mapped` list does not name: kept in the extra table, by path.
-SELECT sync.keep_unmapped('products', 'crm.product', 'crm.product_extra', 'product_id');
+SELECT sync.keep_unmapped('products', 'crm.product', 'crm.product_extra_fields', 'product_id');
 
 DELETE FROM crm.product_category_link WHERE product_id IN (SELECT source_key::bigint FROM b);
 INSERT INTO crm.product_category_link (product_id, category_id)

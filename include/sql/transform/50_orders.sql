@@ -26,6 +26,10 @@ WHERE COALESCE(btrim(payload->'billing'->>'email'), '') <> ''
 ORDER BY lower(btrim(payload->'billing'->>'email')), b.source_modified_at DESC
 ON CONFLICT (email_norm) DO UPDATE SET customer_id = COALESCE(crm.contact.customer_id, EXCLUDED.customer_id);
 
+CREATE TEMP TABLE known ON COMMIT DROP AS
+SELECT o.id FROM crm.sales_order o JOIN b ON o.id = b.source_key::bigint;
+ANALYZE known;
+
 INSERT INTO crm.sales_order (id, number, status, currency, customer_id, contact_id, payment_method, payment_method_title,
     transaction_id, created_via, prices_include_tax, customer_note, discount_total, discount_tax, shipping_total,
     shipping_tax, cart_tax, total, total_tax, date_created, date_paid, date_completed, downloads_granted,
@@ -54,18 +58,23 @@ ON CONFLICT (id) DO UPDATE SET number = EXCLUDED.number, status = EXCLUDED.statu
     attribution_source = EXCLUDED.attribution_source, source_modified_at = EXCLUDED.source_modified_at,
     deleted_at = EXCLUDED.deleted_at, landed_run_id = EXCLUDED.landed_run_id, landed_inbox_id = EXCLUDED.landed_inbox_id;
 -- Every field the registry's `mapped` list does not name: kept in the extra table, by path.
-SELECT sync.keep_unmapped('orders', 'crm.sales_order', 'crm.sales_order_extra', 'order_id');
+SELECT sync.keep_unmapped('orders', 'crm.sales_order', 'crm.sales_order_extra_fields', 'order_id');
 
--- Children are replaced as a whole: an order's lines are part of its document.
-CREATE TEMP TABLE ids ON COMMIT DROP AS SELECT source_key::bigint AS id FROM b;
-DELETE FROM crm.sales_order_address WHERE order_id IN (SELECT id FROM ids);
-DELETE FROM crm.sales_order_line WHERE order_id IN (SELECT id FROM ids);
-DELETE FROM crm.sales_order_tax WHERE order_id IN (SELECT id FROM ids);
-DELETE FROM crm.sales_order_shipping WHERE order_id IN (SELECT id FROM ids);
-DELETE FROM crm.sales_order_fee WHERE order_id IN (SELECT id FROM ids);
-DELETE FROM crm.sales_order_coupon WHERE order_id IN (SELECT id FROM ids);
-DELETE FROM crm.sales_order_meta WHERE order_id IN (SELECT id FROM ids);
-DELETE FROM crm.shipment WHERE order_id IN (SELECT id FROM ids);
+-- Children are replaced as a whole: an order's lines are part of its document. Orders new to the CRM
+-- (known: those it held before this batch) have none to delete.
+DELETE FROM crm.sales_order_address WHERE order_id IN (SELECT id FROM known);
+-- (a line's taxes and meta explicitly: the references are not enforced, nothing cascades; see 0050)
+DELETE FROM crm.sales_order_line_tax WHERE line_id IN (
+    SELECT l.id FROM crm.sales_order_line l WHERE l.order_id IN (SELECT id FROM known));
+DELETE FROM crm.sales_order_line_meta WHERE line_id IN (
+    SELECT l.id FROM crm.sales_order_line l WHERE l.order_id IN (SELECT id FROM known));
+DELETE FROM crm.sales_order_line WHERE order_id IN (SELECT id FROM known);
+DELETE FROM crm.sales_order_tax WHERE order_id IN (SELECT id FROM known);
+DELETE FROM crm.sales_order_shipping WHERE order_id IN (SELECT id FROM known);
+DELETE FROM crm.sales_order_fee WHERE order_id IN (SELECT id FROM known);
+DELETE FROM crm.sales_order_coupon WHERE order_id IN (SELECT id FROM known);
+DELETE FROM crm.sales_order_meta WHERE order_id IN (SELECT id FROM known);
+DELETE FROM crm.shipment WHERE order_id IN (SELECT id FROM known);
 
 INSERT INTO crm.sales_order_address (order_id, kind, first_name, last_name, company, address_1, address_2, city,
                                      state_code, postcode, country_iso2, country_raw, email, phone)
@@ -132,13 +141,15 @@ WHERE m->>'key' NOT IN ('_download_permissions_granted', '_wc_order_attribution_
                         '_subscription_renewal', '_subscription_switch');
 
 -- References the CRM cannot resolve yet: kept as source ids, and queued for fetching on demand.
+-- (Read from the batch's documents: the CRM's tables grow, the batch does not.)
 INSERT INTO sync.fetch_request (entity, source_key, reason)
-SELECT DISTINCT ON (o.customer_id) 'customers', o.customer_id::text, 'customer of order ' || o.id
-FROM crm.sales_order o JOIN ids USING (id)
+SELECT DISTINCT ON (o.customer_id) 'customers', o.customer_id::text, 'customer of order ' || b.source_key
+FROM b CROSS JOIN LATERAL (SELECT NULLIF((b.payload->>'customer_id')::bigint, 0) AS customer_id) o
 WHERE o.customer_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM crm.customer c WHERE c.id = o.customer_id)
 ON CONFLICT DO NOTHING;
 INSERT INTO sync.fetch_request (entity, source_key, reason)
-SELECT DISTINCT ON (l.product_id) 'products', l.product_id::text, 'product of order line ' || l.id
-FROM crm.sales_order_line l JOIN ids ON ids.id = l.order_id
+SELECT DISTINCT ON (l.product_id) 'products', l.product_id::text, 'product of order line ' || (li->>'id')
+FROM b, jsonb_array_elements(b.payload->'line_items') li,
+     LATERAL (SELECT NULLIF((li->>'product_id')::bigint, 0) AS product_id) l
 WHERE l.product_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM crm.product p WHERE p.id = l.product_id)
 ON CONFLICT DO NOTHING;

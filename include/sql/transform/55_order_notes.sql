@@ -14,5 +14,5 @@ ON CONFLICT (id) DO UPDATE SET note = EXCLUDED.note, author = EXCLUDED.author,
     landed_inbox_id = EXCLUDED.landed_inbox_id, deleted_at = NULL
 WHERE crm.sales_order_note.landed_inbox_id < EXCLUDED.landed_inbox_id;
 -- Every field the registry's `mapped` list does not name: kept in the extra table, by path.
-SELECT sync.keep_unmapped('order_notes', 'crm.sales_order_note', 'crm.sales_order_note_extra', 'note_id',
+SELECT sync.keep_unmapped('order_notes', 'crm.sales_order_note', 'crm.sales_order_note_extra_fields', 'note_id',
                           'split_part(b.source_key, '':'', 2)::bigint');

@@ -12,7 +12,7 @@ ON CONFLICT (id) DO UPDATE SET order_id = EXCLUDED.order_id, amount = EXCLUDED.a
     date_created = EXCLUDED.date_created, source_modified_at = EXCLUDED.source_modified_at, deleted_at = NULL,
     landed_run_id = EXCLUDED.landed_run_id, landed_inbox_id = EXCLUDED.landed_inbox_id;
 -- Every field the registry's `mapped` list does not name: kept in the extra table, by path.
-SELECT sync.keep_unmapped('refunds', 'crm.refund', 'crm.refund_extra', 'refund_id');
+SELECT sync.keep_unmapped('refunds', 'crm.refund', 'crm.refund_extra_fields', 'refund_id');
 
 DELETE FROM crm.refund_line WHERE refund_id IN (SELECT source_key::bigint FROM b);
 INSERT INTO crm.refund_line (id, refund_id, product_id, variation_id, name, quantity, total, total_tax)

@@ -29,7 +29,7 @@ ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, customer_id = EXCLUDED.
     date_created = EXCLUDED.date_created, source_modified_at = EXCLUDED.source_modified_at,
     deleted_at = EXCLUDED.deleted_at, landed_run_id = EXCLUDED.landed_run_id, landed_inbox_id = EXCLUDED.landed_inbox_id;
 -- Every field the registry's `mapped` list does not name: kept in the extra table, by path.
-SELECT sync.keep_unmapped('subscriptions', 'crm.subscription', 'crm.subscription_extra', 'subscription_id');
+SELECT sync.keep_unmapped('subscriptions', 'crm.subscription', 'crm.subscription_extra_fields', 'subscription_id');
 
 DELETE FROM crm.subscription_line WHERE subscription_id IN (SELECT source_key::bigint FROM b);
 INSERT INTO crm.subscription_line (id, subscription_id, product_id, variation_id, name, quantity, total, total_tax)
