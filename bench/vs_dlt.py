@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     mode_args = sandbox_mode_args(args)
 
     # A server of its own per mode: its CPU is this run's alone (not the tests', not another bench's).
-    pg = EmbeddedPostgres(REPO / ".data" / "vs-dlt" / f"pg-{args.mode}")
+    pg = EmbeddedPostgres(REPO / ".data" / "vs-dlt" / f"pg-{args.mode}-{args.size}")
     own_pg = not pg.is_running()
     pg.start()
     port = free_port()

@@ -139,7 +139,8 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
             for page, next_lo, final in prefetched(keyset_pages(client, entity, status, first_lo, t0)):
                 # Children only for parents that changed, not for those the overlap re-reads.
                 fresh = page
-                if entity.children:
+                # (live-only children, order notes, are not read on first loads and backfills: no need to look)
+                if any(live and cursor is not None or not c.get("live_only") for c in entity.children):
                     known = already_landed(conn, entity, page)
                     fresh = [r for r in page if key_of(r, entity) is not None and key_of(r, entity) not in known]
                 children = fetch_children(client, entity, fresh, live_cycle=live and cursor is not None, conn=conn)

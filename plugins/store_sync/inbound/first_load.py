@@ -199,10 +199,11 @@ class Loader:
         try:
             first = first_page(self.client, spec, params)
             rest = self.client.fetch_pages(spec.endpoint, params, range(2, first.total_pages + 1), spec.per_page)
-            for page in itertools.chain([first], rest):
-                newest = max([newest, *(int_key(r, spec) or 0 for r in page.records)])
-                with psycopg.connect(self.dsn) as conn, conn.transaction():
-                    run.add(land_page(conn, spec, page.records, run.run_id))
+            with psycopg.connect(self.dsn, autocommit=True) as conn:  # one connection, a transaction per page
+                for page in itertools.chain([first], rest):
+                    newest = max([newest, *(int_key(r, spec) or 0 for r in page.records)])
+                    with conn.transaction():
+                        run.add(land_page(conn, spec, page.records, run.run_id))
             with psycopg.connect(self.dsn) as conn, conn.transaction():
                 # The orders landed so far had their customers read just now; later ones are asked about
                 # in the next live cycles, as usual.
