@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export PYTHONPATH := $(CURDIR)/plugins:$(CURDIR)
 
-.PHONY: install test lint demo reconcile retry-quarantine sandbox crm-db crm-db-stop bench chaos clean lock
+.PHONY: install test lint demo reconcile retry-quarantine sandbox crm-db crm-db-stop bench bench-dlt chaos clean lock
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,10 @@ bench: install
 	$(BIN)/python bench/sandbox_throughput.py $(ARGS)
 	$(BIN)/python bench/landing.py --skip-large
 	$(BIN)/python bench/freshness.py
+
+## The same first load by this package and by dlt, A/B/A/B (dlt installs into .venv-dlt, benchmark only), e.g. ARGS="--size medium --mode prerendered".
+bench-dlt: install
+	$(BIN)/python bench/vs_dlt.py $(ARGS)
 
 ## The full stack for 10 minutes under changes, bulk edits, store faults, killed tasks and CRM restarts; exit 1 on differences.
 chaos: install

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -153,3 +155,76 @@ def inbox_duplicates(conn) -> int:
     return conn.execute(
         "SELECT count(*) FROM (SELECT payload_hash, lag(payload_hash) OVER (PARTITION BY entity, source_key "
         "ORDER BY inbox_id) AS previous FROM inbox.record) v WHERE payload_hash = previous").fetchone()[0]
+
+
+class CountingProxy:
+    """Forwards every request to the sandbox unchanged (Host kept, so OAuth signatures still match) and
+    records when each one reached the store and when its answer left."""
+
+    def __init__(self, upstream_port: int, tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: (certificate, key) to serve HTTPS with, to a sandbox served with ``--tls``."""
+        self.requests: list[tuple[float, float, str]] = []
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                started = time.monotonic()
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                conn = (http.client.HTTPSConnection("127.0.0.1", upstream_port, timeout=60,
+                                                    context=ssl._create_unverified_context()) if tls  # noqa: S323
+                        else http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60))
+                try:
+                    conn.request(self.command, self.path, body=body or None, headers=dict(self.headers.items()))
+                    answer = conn.getresponse()
+                    data = answer.read()
+                finally:
+                    conn.close()
+                self.send_response(answer.status, answer.reason)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("transfer-encoding", "content-length", "connection", "date", "server"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                with lock:
+                    outer.requests.append((started, time.monotonic(), self.path.split("?")[0]))
+
+            do_GET = do_POST = do_PUT = _forward  # noqa: N815
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(tls[0]), str(tls[1]))
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def store_api(self) -> list[tuple[float, float, str]]:
+        return [r for r in self.requests if "/wp-json/" in r[2]]
+
+    def busiest_second(self) -> int:
+        starts = sorted(r[0] for r in self.store_api())
+        best, j = 0, 0
+        for i, t in enumerate(starts):
+            while starts[j] < t - 1.0:
+                j += 1
+            best = max(best, i - j + 1)
+        return best
+
+    def most_in_flight(self) -> int:
+        events = sorted([(s, 1) for s, _, _ in self.store_api()] + [(e, -1) for _, e, _ in self.store_api()])
+        now = best = 0
+        for _, step in events:
+            now += step
+            best = max(best, now)
+        return best
+
+    def close(self) -> None:
+        self.server.shutdown()

@@ -187,6 +187,15 @@ def test_a_landing_task_killed_mid_run_then_rerun_loses_and_doubles_nothing(dagb
     sandbox = sandbox_factory(size="tiny", seed=18)
     dsn = wired(sandbox, requests_per_second=4)  # slow enough to kill it half way
     monkeypatch.setenv("AIRFLOW_VAR_STORE_SYNC_OVERRIDES", '{"orders": {"per_page": 5}}')
+    from datetime import UTC, datetime
+
+    from store_sync.crm.migrations import migrate
+    from store_sync.inbound.landing import set_watermark
+
+    migrate(dsn)
+    earlier = datetime(1970, 1, 2, tzinfo=UTC)
+    with psycopg.connect(dsn) as conn:  # a live cycle after an earlier one (an empty watermark is a first load)
+        set_watermark(conn, "orders", earlier, "earlier")
     total = len(sandbox.export("orders"))
     proc = subprocess.Popen([sys.executable, "-m", "airflow", "tasks", "test", "store_watch_orders", "land_changes"],
                             env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -206,7 +215,7 @@ def test_a_landing_task_killed_mid_run_then_rerun_loses_and_doubles_nothing(dagb
     assert 15 <= landed < total, "the task must die half way"
     with psycopg.connect(dsn) as conn:
         cursor, progress = conn.execute("SELECT cursor_at, state->'progress' FROM sync.watermark WHERE entity='orders'").fetchone()
-    assert cursor is None and progress["t0"], "killed before the window completed, with its place kept"
+    assert cursor == earlier and progress["t0"], "killed before the window completed, with its place kept"
     assert dagbag.get_dag("store_watch_orders").test().state == "success"
     assert_inbox_matches_truth(dsn, sandbox, "orders")
     with psycopg.connect(dsn) as conn:

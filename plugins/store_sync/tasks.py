@@ -43,6 +43,7 @@ def land_entity(entity_name: str, run_id: str, mode: str = "live", store_conn_id
     import dataclasses
 
     from store_sync.inbound.detect import sync_entity
+    from store_sync.inbound.first_load import first_load, needs_first_load
     from store_sync.registry import entity
     from store_sync.store.hooks import StoreApiHook
 
@@ -53,7 +54,14 @@ def land_entity(entity_name: str, run_id: str, mode: str = "live", store_conn_id
     if tweaks:
         spec = dataclasses.replace(spec, **tweaks)
     dsn = dsn or ready_crm()
-    return sync_entity(dsn, StoreApiHook(store_conn_id).get_client(), spec, run_id, mode=mode, on_landed=on_landed)
+    hook = StoreApiHook(store_conn_id)
+    if mode == "live" and needs_first_load(dsn, spec):
+        # The first cycle of a new shop reads its whole history: concurrently, on the first-load budget.
+        hook.overrides = hook.first_load_budget()
+        result = first_load(dsn, hook.get_client(), run_id, [entity_name], transform=False)
+        return {"entity": entity_name, "mode": "first_load", "status": "success", "seconds": result["seconds"],
+                **result["entities"].get(entity_name, {"read": 0, "landed": 0, "skipped": 0, "quarantined": 0})}
+    return sync_entity(dsn, hook.get_client(), spec, run_id, mode=mode, on_landed=on_landed)
 
 
 def setting(entity_name: str, name: str, tweaks: dict | None = None) -> float:

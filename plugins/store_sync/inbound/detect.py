@@ -119,7 +119,7 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
                     since: datetime | None, until: datetime | None, on_landed=None) -> datetime:
     live = mode == "live"
     # Backfills keep their place in a row of their own: the live cursor is never theirs to move.
-    mark = entity.name if live else f"{entity.name}@backfill"
+    mark = entity.name if live else f"{entity.name}@{'first_load' if mode == 'first_load' else 'backfill'}"
     state_key = "progress" if live else f"run:{run.run_id}"
     with psycopg.connect(dsn) as conn:
         cursor, state = get_watermark(conn, mark)
@@ -150,7 +150,8 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
             for page, next_lo, final in prefetched(keyset_pages(client, entity, status, first_lo, t0)):
                 # Children only for parents that changed, not for those the overlap re-reads.
                 fresh = page
-                if entity.children:
+                # (live-only children, order notes, are not read on first loads and backfills: no need to look)
+                if any(live and cursor is not None or not c.get("live_only") for c in entity.children):
                     known = already_landed(conn, entity, page) - due
                     fresh = [r for r in page if key_of(r, entity) is not None and key_of(r, entity) not in known]
                 # The page first, its children after (one request per parent): the parents reach the CRM sooner.

@@ -9,8 +9,9 @@
   webhooks registered through the package's own registration (``store_sync.store.webhooks``).
 
 It prints the UI address and login, then runs until Ctrl-C and stops everything it started.
-``--once`` runs one full cycle headless with the DAG tasks' own code (land every entity, transform,
-check), prints the row count of every CRM table and exits 0.
+``--once`` runs one full cycle headless with the package's own code: on an empty CRM the first load
+(every entity at once on the first-load budget, the transform applied while rows arrive), else one live
+cycle of each entity; then the checks; it prints the row count of every CRM table and exits 0.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 "conn_type": "http", "host": f"http://127.0.0.1:{args.port}", "login": "ck_sandbox",
                 "password": "cs_sandbox", "extra": {
                     "requests_per_second": 20, "max_in_flight": 3,
+                    "first_load_requests_per_second": 50, "first_load_max_in_flight": 4,
                     # The sandbox delivers customer webhooks to the api-server's receiver.
                     "webhook_url": f"http://127.0.0.1:{args.airflow_port}",
                     "webhook_secret": demo_secret("store-webhook-secret")}})
@@ -132,19 +134,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Store answers at {client.api_url}: WooCommerce {env.get('version')}")
 
         if args.once:
-            from store_sync.registry import entities
-            from store_sync.tasks import land_entity
+            from store_sync.crm.transform import run_checks, table_counts
+            from store_sync.inbound.first_load import first_load
+            from store_sync.tasks import ready_crm
 
-            for name, spec in entities().items():
-                if spec.strategy == "children":
-                    continue  # landed with their parents
-                counts = land_entity(name, f"demo-once-{int(time.time())}")
+            # A new shop's history: every entity at once, on the first-load budget, the transform
+            # applied while the rows arrive (an entity already loaded runs one live cycle instead).
+            hook = StoreApiHook()
+            hook.overrides = hook.first_load_budget()
+            result = first_load(ready_crm(), hook.get_client(), f"demo-once-{int(time.time())}")
+            for name, counts in result["entities"].items():
                 print(f"  landed {name:<22} read {counts['read']:>6}  new {counts['landed']:>6}  "
                       f"quarantined {counts['quarantined']}")
-            from store_sync.crm.transform import run_checks, table_counts, transform
-
-            for step in transform(crm):
-                print(f"  applied {step['step']:<26} {step['inbox_rows']:>6} inbox rows in {step['seconds']:.2f}s")
+            applied: dict[str, list] = {}
+            for step in result["transform"]:
+                applied.setdefault(step["step"], []).append(step)
+            for name, parts in sorted(applied.items()):
+                print(f"  applied {name:<26} {sum(p['inbox_rows'] for p in parts):>6} inbox rows in "
+                      f"{sum(p['seconds'] for p in parts):.2f}s")
+            print(f"First load: {result['seconds']:.1f}s, {result['requests']} store requests")
             run_checks(crm)
             print("CRM tables (rows):")
             for table, rows in table_counts(crm):

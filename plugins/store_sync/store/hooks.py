@@ -11,7 +11,8 @@ Connection (``AIRFLOW_CONN_STORE_API``, a secrets backend or the UI; type HTTP):
   ``requests_per_second`` (5), ``max_in_flight`` (3), ``timeout`` (30), ``max_retries`` (6),
   ``verify`` (true, false, or a CA bundle path), ``query_string_auth`` (false), ``api_path``
   (``/wp-json/wc/v3``), ``backfill_requests_per_second`` (2), ``backfill_max_in_flight`` (1),
-  ``fetch_requests_per_second`` (1), ``fetch_max_in_flight`` (1), ``store_requests_per_second`` and
+  ``fetch_requests_per_second`` (1), ``fetch_max_in_flight`` (1), ``first_load_requests_per_second`` (10),
+  ``first_load_max_in_flight`` (4), ``store_requests_per_second`` and
   ``store_max_in_flight`` (all lanes together; by default the largest lane's), and for webhooks
   ``webhook_url`` (the public URL of the Airflow api-server) and ``webhook_secret``.
 
@@ -37,7 +38,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # The request budget's lanes: a name and its default limits (requests per second, in flight), read from
 # the extras ``<lane>_requests_per_second`` / ``<lane>_max_in_flight`` (live: without the prefix).
 # A new lane is a line here; ``budget.py`` says how the lanes share the store.
-LANES: dict[str, tuple[float, int]] = {"live": (5, 3), "backfill": (2, 1), "fetch": (1, 1)}
+# first_load: a new shop's whole history, which a user waits for (live sync stays polite meanwhile).
+LANES: dict[str, tuple[float, int]] = {"live": (5, 3), "backfill": (2, 1), "fetch": (1, 1), "first_load": (10, 4)}
 
 
 class StoreApiHook(BaseHook):
@@ -126,6 +128,11 @@ class StoreApiHook(BaseHook):
             return shared_budget(f"{url}#{lane}", requests_per_second, max_in_flight)
         return store_budget(dsn, url, Lane(lane, requests_per_second, max_in_flight), self.store_limits(),
                             timeout=timeout)
+
+    def first_load_budget(self) -> dict[str, Any]:
+        """A first load (a new shop's whole history) spends a larger budget of its own lane: the user
+        waits for it; live sync keeps its polite one."""
+        return self.lane_budget("first_load")
 
     def _verify(self) -> bool | str:
         value = self.connection.extra_dejson.get("verify", True)
