@@ -143,7 +143,8 @@ def main() -> int:
         expected = checksum((str(o["id"]), fingerprint(o)[1]) for o in truth)
         since = min(o["date_modified_gmt"] for o in truth) + "Z"
         print(f"store {args.size}: {len(truth)} orders, checksum {expected}; chunks of {args.chunk_hours}h; "
-              f"budget {args.budget}/s (backfills {args.backfill_budget}/s per process); {os.cpu_count()} CPUs",
+              f"budget {args.budget}/s for the store, backfills {args.backfill_budget}/s of it (shared by every process); "
+              f"{os.cpu_count()} CPUs",
               flush=True)
         runs = []
         for workers in args.workers:
