@@ -152,3 +152,40 @@ def test_a_landing_does_not_wait_behind_a_long_transform(dagbag, wired, sandbox_
     assert inbox_events("orders") == events + 1, "the landed rows are announced to crm_transform instead"
     assert dagbag.get_dag("crm_transform").test().state == "success"
     assert crm_order(dsn, order_id)[0] == "completed"
+
+
+def test_a_landing_killed_after_the_orders_landed_still_reads_their_notes(crm_dsn, sandbox_factory):
+    """The orders page lands before its notes are read: a run that dies in between must not lose the notes
+    (the rerun sees the orders as already landed, yet reads their notes)."""
+    import pytest
+
+    from store_sync.crm.migrations import migrate
+    from store_sync.inbound.detect import sync_entity
+    from store_sync.registry import entity
+
+    crm = crm_dsn
+    migrate(crm)
+    sandbox = sandbox_factory(size="tiny", seed=26)
+    client, orders = sandbox.client(), entity("orders")
+    sync_entity(crm, client, orders, "first-load")
+    time.sleep(1.1)
+    order_id = change_status(client, "processing", "completed")  # the store adds a note to the order
+    time.sleep(1.1)
+
+    def killed() -> None:
+        raise RuntimeError("the worker died here")
+
+    with pytest.raises(RuntimeError, match="died"):
+        sync_entity(crm, client, orders, "killed", on_landed=killed)
+    with psycopg.connect(crm) as conn:
+        landed = conn.execute("SELECT count(*) FROM inbox.record WHERE entity = 'orders' AND source_key = %s "
+                              "AND run_id = 'killed'", (str(order_id),)).fetchone()[0]
+        notes_before = conn.execute("SELECT count(*) FROM inbox.latest WHERE entity = 'order_notes' AND "
+                                    "split_part(source_key, ':', 1) = %s", (str(order_id),)).fetchone()[0]
+    assert landed == 1 and notes_before == 0, "killed after the order landed, before its notes"
+    sync_entity(crm, client, orders, "rerun")
+    with psycopg.connect(crm) as conn:
+        notes = {r[0] for r in conn.execute("SELECT split_part(source_key, ':', 2) FROM inbox.latest WHERE "
+                                            "entity = 'order_notes' AND split_part(source_key, ':', 1) = %s",
+                                            (str(order_id),))}
+    assert notes == {str(n["id"]) for n in client.get(f"orders/{order_id}/notes")}
