@@ -32,8 +32,11 @@ def serve(args: argparse.Namespace) -> None:
         sys.exit(f"--workers must be at least 1, not {args.workers}")
     if args.max_concurrent < 0:
         sys.exit(f"--max-concurrent must be 0 (no limit) or more, not {args.max_concurrent}")
+    from .faults import Faults
+
     try:
         args.page_latency_range = parse_range(args.page_latency)
+        Faults.parse(args.faults)
     except ValueError as exc:
         sys.exit(str(exc))
     db = Path(args.db) if args.db else default_db(args.size, args.seed)

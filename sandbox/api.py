@@ -643,8 +643,14 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
             salt = random.randrange(1, 1_000_003)
             order_sql = f"{col} {order}, (p.id * {salt}) % 1000003"
         start = offset if offset is not None else (page - 1) * per_page
+        hint = ""
+        if orderby == "modified" and not (include or parents or search or customer is not None) \
+                and store.has_index("posts_type_mod_local_cover"):
+            # SQLite's planner cannot tell a first load's window from a live poll's: a large one is read
+            # in post_modified order (OFFSET + LIMIT entries), a small one by its GMT range, then sorted.
+            hint = " INDEXED BY posts_type_mod_local_cover" if total > 2000 else " INDEXED BY posts_type_modgmt_cover"
         ids = [r[0] for r in store.db.execute(
-            f"SELECT p.id FROM posts p WHERE {sql_where} ORDER BY {order_sql} LIMIT ? OFFSET ?",
+            f"SELECT p.id FROM posts p{hint} WHERE {sql_where} ORDER BY {order_sql} LIMIT ? OFFSET ?",
             [*args, per_page, start])]
         if ids and app.state.faults.roll("shift"):
             # A shopper or admin changes one of the records in the window while the client pages.

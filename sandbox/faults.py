@@ -76,8 +76,8 @@ class Faults:
         self.shared = shared
         self._seen = -1
         self._counts: dict[str, int] = {k: 0 for k in KINDS}  # faults injected so far, by kind
-        if shared is not None:
-            shared.set_spec(spec)
+        # With ``shared``, the spec is the shared one (set by the parent before the fork, then by
+        # /sandbox/control): a worker starting late must not reset what was configured meanwhile.
 
     @staticmethod
     def parse(spec: str) -> dict[str, float]:

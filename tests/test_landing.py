@@ -137,3 +137,41 @@ def test_trash_and_hard_deletes_land_as_delete_events(crm, sandbox_factory):
         gone = conn.execute("SELECT payload FROM inbox.record WHERE entity='orders' AND source_key=%s AND is_delete "
                             "AND payload ? 'deleted'", (str(ids[1]),)).fetchall()
     assert gone == [({"id": ids[1], "deleted": True},)]
+
+
+def test_rereading_products_lands_no_new_version_though_related_ids_are_shuffled(crm, sandbox_factory):
+    """A real store shuffles related_ids on every read (and the sandbox does too): the registry calls
+    them volatile, so a second read of unchanged products (a backfill over the same window) lands
+    nothing, the payload keeps the field as read, and a real change still lands."""
+    from datetime import UTC, datetime, timedelta
+
+    from store_sync.inbound.backfill import run_backfill
+
+    sandbox = sandbox_factory(size="tiny", seed=9)
+    client = sandbox.client()
+    products = entity("products")
+    assert "related_ids" in products.volatile
+    first = sync_entity(crm, client, products, "first")
+    assert first["landed"] > 0
+    shuffled = [p["related_ids"] for p in client.get("products", {"per_page": 100, "orderby": "id"})]
+    reread = [p["related_ids"] for p in client.get("products", {"per_page": 100, "orderby": "id"})]
+    assert shuffled != reread, "the sandbox shuffles related_ids per read, as a real store does"
+    since = datetime.now(UTC) - timedelta(days=3 * 365)  # older than any generated record
+    versions = product_versions(crm)
+    again = run_backfill(crm, client, products, "again", since=since, chunk_hours=24 * 4000)
+    assert again["read"] > 0 and again["landed"] == 0
+    assert product_versions(crm) == versions
+    landed = latest(crm, "products")
+    assert all("related_ids" in payload for payload, _ in landed.values() if payload["type"] != "variation")
+    # A real change of one product lands one new version.
+    target = next(p for p in client.get("products", {"per_page": 5, "type": "simple"}))
+    client.put(f"products/{target['id']}", {"regular_price": "123.45"})
+    time.sleep(1.1)  # past the whole second of the change, so the window holds it
+    changed = run_backfill(crm, client, products, "changed", since=since, chunk_hours=24 * 4000)
+    assert changed["landed"] == 1 and product_versions(crm) == versions + 1
+    assert latest(crm, "products")[str(target["id"])][0]["regular_price"] == "123.45"
+
+
+def product_versions(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT count(*) FROM inbox.record WHERE entity = 'products'").fetchone()[0]

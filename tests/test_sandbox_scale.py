@@ -162,7 +162,8 @@ def test_bad_shop_flags_fail_fast_in_words(tmp_path):
     from tests.helpers import REPO
 
     for flags, words in ((["--page-latency", "3-1"], "HIGH >= LOW"), (["--page-latency", "fast"], "LOW-HIGH"),
-                         (["--workers", "0"], "--workers must be at least 1")):
+                         (["--workers", "0"], "--workers must be at least 1"),
+                         (["--workers", "2", "--faults", "nope=1"], "unknown fault kind 'nope'")):
         out = subprocess.run([sys.executable, "-m", "sandbox", "serve", "--db", str(tmp_path / "x.sqlite"), *flags],
                              cwd=REPO, capture_output=True, text=True, timeout=60)
         assert out.returncode != 0 and words in out.stderr + out.stdout, (flags, out.stderr)

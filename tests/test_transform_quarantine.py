@@ -407,6 +407,7 @@ def test_fuzzed_payloads_apply_or_wait_in_quarantine(crm, store, seed):
     inbox = {(e, k, h): i for i, e, k, h in rows(crm, "SELECT inbox_id, entity, source_key, payload_hash FROM inbox.record")}
     quarantined = {r[0] for r in rows(crm, "SELECT inbox_id FROM sync.transform_quarantine WHERE resolved_at IS NULL")}
     from store_sync.inbound.landing import fingerprint
+    from store_sync.registry import entities
 
     tables = {e: t for e, t in EXPORTS.values()}
     checked = 0
@@ -416,9 +417,10 @@ def test_fuzzed_payloads_apply_or_wait_in_quarantine(crm, store, seed):
             continue
         held = one(crm, f"SELECT landed_inbox_id FROM {tables[entity_name]} WHERE id = %s", int(key))
         assert held, f"{entity_name} {key}: a good record is missing from the CRM"
-        good_id = inbox.get((entity_name, key, fingerprint(good[0])[1]))
+        good_id = inbox.get((entity_name, key, fingerprint(good[0], entities()[entity_name].volatile)[1]))
         assert good_id, f"{entity_name} {key}: a good record did not land"
-        bad_ids = [inbox.get((entity_name, key, fingerprint(r)[1])) for r, ok in recs if not ok]
+        bad_ids = [inbox.get((entity_name, key, fingerprint(r, entities()[entity_name].volatile)[1]))
+                   for r, ok in recs if not ok]
         newer_bad_applied = [i for i in bad_ids if i and i not in quarantined]
         if held[0] != good_id:
             assert held[0] in newer_bad_applied, f"{entity_name} {key}: the CRM shows neither version"

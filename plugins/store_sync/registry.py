@@ -38,6 +38,7 @@ class Entity:
     reconcile_every_minutes: int = 60
     max_quiet_seconds: float = 300
     mapped: tuple = ()  # field patterns the transform maps ("billing.city", "line_items[].id")
+    volatile: tuple = ()  # top-level fields that change on every read: stored, not part of the version hash
 
     def field_map(self) -> dict[str, str]:
         """pattern -> 'column' (mapped, with all below it), 'object' or 'array' (on the way to a mapped field)."""
@@ -81,7 +82,7 @@ def entities() -> dict[str, Entity]:
     out = {}
     for name, spec in doc["entities"].items():
         merged = {**defaults, **spec}
-        for listed in ("statuses", "children"):
+        for listed in ("statuses", "children", "volatile"):
             if listed in merged:
                 merged[listed] = tuple(merged[listed])
         if "mapped" in merged:

@@ -108,16 +108,25 @@ def land_page(conn: psycopg.Connection, entity: Entity, records: Iterable[dict],
     return result
 
 
-def fingerprint(record: dict) -> tuple[str, str]:
+def fingerprint(record: dict, volatile: tuple[str, ...] = ()) -> tuple[str, str]:
     """(canonical JSON, its md5): what the inbox stores and how it tells versions apart.
+
+    ``volatile`` (the registry's, per entity) are top-level fields the store changes on every read (a
+    product's ``related_ids``, shuffled per read): kept in the stored JSON, left out of the md5, so
+    re-reading an unchanged record is no new version.
 
     NUL and lone surrogates are valid JSON but PostgreSQL text cannot hold them: the stored JSON has
     U+FFFD in their place, while the md5 is of the record as it came (re-reads are still skipped)."""
     text = canonical(record)
+    hashed = text
+    if volatile and any(k in record for k in volatile):
+        hashed = canonical({k: v for k, v in record.items() if k not in volatile})
     try:
-        data, clean = text.encode(), "\\u0000" not in text
+        text.encode()
+        clean = "\\u0000" not in text
     except UnicodeEncodeError:  # a lone surrogate
-        data, clean = text.encode("utf-8", "surrogatepass"), False
+        clean = False
+    data = hashed.encode("utf-8", "surrogatepass")  # the same bytes as .encode() for any other text
     if not clean:
         text = canonical(_scrub(record))
     return text, hashlib.md5(data).hexdigest()
@@ -143,7 +152,7 @@ def content_problem(entity: Entity, record: dict, key) -> tuple[str | None, str 
         if value not in (None, "") and parse_gmt(value) is None:
             return f"{entity.cursor} {_PREVIEW.repr(value)} is not a date", None, None
     try:
-        text, digest = fingerprint(record)
+        text, digest = fingerprint(record, entity.volatile)
     except (ValueError, TypeError, RecursionError) as exc:  # an int past 4300 digits, nesting past the stack
         return f"cannot be written as JSON: {type(exc).__name__}: {str(exc)[:200]}", None, None
     if len(text) > MAX_PAYLOAD_CHARS:
@@ -198,7 +207,7 @@ def _finite(record) -> bool:
 
 def already_landed(conn: psycopg.Connection, entity: Entity, records: list[dict]) -> set[str]:
     """Keys of the records whose exact payload is their latest landed version (re-read by an overlap)."""
-    pairs = [(str(r.get(entity.key)), fingerprint(r)[1]) for r in records if isinstance(r, dict)]
+    pairs = [(str(r.get(entity.key)), fingerprint(r, entity.volatile)[1]) for r in records if isinstance(r, dict)]
     if not pairs:
         return set()
     rows = conn.execute("SELECT source_key FROM inbox.latest WHERE entity = %s AND (source_key, payload_hash) IN "
