@@ -39,6 +39,22 @@ SELECT format('line %s %s', t, line_id), format('refers to order line %s, which 
     SELECT 'tax' t, line_id FROM crm.sales_order_line_tax UNION ALL
     SELECT 'meta', line_id FROM crm.sales_order_line_meta) p
 WHERE NOT EXISTS (SELECT 1 FROM crm.sales_order_line l WHERE l.id = p.line_id);
+-- name: orders_use_known_codes
+-- (declared NOT ENFORCED on PostgreSQL 18+, see migration 0050: checked here, set-based)
+SELECT o.id::text, format('status %s, currency %s, gateway %s or contact %s is not in the CRM', o.status, o.currency,
+                          o.payment_method, o.contact_id)
+FROM crm.sales_order o
+WHERE NOT EXISTS (SELECT 1 FROM crm.order_status s WHERE s.code = o.status)
+   OR NOT EXISTS (SELECT 1 FROM crm.currency c WHERE c.code = o.currency)
+   OR (o.payment_method IS NOT NULL AND NOT EXISTS (SELECT 1 FROM crm.payment_method p WHERE p.code = o.payment_method))
+   OR (o.contact_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM crm.contact c WHERE c.contact_id = o.contact_id))
+UNION ALL
+SELECT 'line ' || l.id, format('tax class %s is not in the CRM', l.tax_class) FROM crm.sales_order_line l
+WHERE l.tax_class IS NOT NULL AND NOT EXISTS (SELECT 1 FROM crm.tax_class t WHERE t.slug = l.tax_class)
+UNION ALL
+SELECT format('address %s %s', a.order_id, a.kind), format('country %s is not in the CRM', a.country_iso2)
+FROM crm.sales_order_address a
+WHERE a.country_iso2 IS NOT NULL AND NOT EXISTS (SELECT 1 FROM crm.country c WHERE c.iso2 = a.country_iso2);
 -- name: categories_have_paths
 SELECT id::text, 'no path from a root (a cycle?)' FROM crm.product_category WHERE deleted_at IS NULL AND path = '';
 -- name: buyers_are_contacts

@@ -11,9 +11,24 @@ BEGIN
     DROP TABLE IF EXISTS pg_temp.b;
     CREATE TEMP TABLE b (inbox_id bigint, source_key text, source_modified_at timestamptz, gone boolean, payload jsonb,
                          run_id text) WITH (toast_tuple_target = 8160) ON COMMIT DROP;
+    -- sync.batch_versions (0006) inlined, choosing among keys only: its RETURN QUERY (and a sort carrying
+    -- the documents) would spill every document to disk first.
     INSERT INTO pg_temp.b
-    SELECT inbox_id, source_key, source_modified_at, gone, payload - '{}'::text[], run_id
-    FROM sync.batch_versions(p_entity);
+    WITH s AS (
+        SELECT r.inbox_id, r.source_key, r.source_modified_at, (r.payload ? 'deleted') AS gone, r.run_id
+        FROM inbox.record r JOIN pg_temp.batch_scope bs ON bs.inbox_id = r.inbox_id
+        WHERE r.entity = p_entity),
+    v AS (SELECT DISTINCT ON (s.source_key) s.*, max(s.inbox_id) OVER (PARTITION BY s.source_key) AS last_seen
+          FROM s WHERE NOT s.gone ORDER BY s.source_key, s.source_modified_at DESC NULLS LAST, s.inbox_id DESC),
+    d AS (SELECT DISTINCT ON (s.source_key) s.* FROM s WHERE s.gone ORDER BY s.source_key, s.inbox_id DESC),
+    won AS (
+        SELECT v.inbox_id, v.source_key, v.source_modified_at, v.gone, v.run_id FROM v
+        WHERE NOT EXISTS (SELECT 1 FROM d WHERE d.source_key = v.source_key AND d.inbox_id > v.last_seen)
+        UNION ALL
+        SELECT d.inbox_id, d.source_key, d.source_modified_at, d.gone, d.run_id FROM d
+        WHERE NOT EXISTS (SELECT 1 FROM v WHERE v.source_key = d.source_key AND v.last_seen > d.inbox_id))
+    SELECT w.inbox_id, w.source_key, w.source_modified_at, w.gone, r.payload - '{}'::text[], w.run_id
+    FROM won w JOIN inbox.record r ON r.inbox_id = w.inbox_id;
     EXECUTE format('DELETE FROM pg_temp.b USING %s t WHERE NOT b.gone AND t.id = b.source_key::bigint '
                    'AND (t.source_modified_at, t.landed_inbox_id) > (b.source_modified_at, b.inbox_id)', p_table);
     EXECUTE format('UPDATE %s t SET deleted_at = COALESCE(t.deleted_at, clock_timestamp()), landed_run_id = b.run_id, '
@@ -195,13 +210,15 @@ BEGIN
                    p_extra, p_fk, sync.unmapped_sql(p_entity, 'b.payload'));
 END $$;
 
--- The parts of an order (its addresses, lines, their taxes and meta, tax/shipping/fee/coupon lines, meta,
--- shipment, unmapped fields) are written only by the orders transform, from the order's own document,
--- in the transaction that upserts the order: their reference to it holds by construction, and checking it
--- row by row (one query per part, ~10 per order) was a fifth of the transform. On PostgreSQL 18+ those
--- references stay declared but NOT ENFORCED (no cascade either: the CRM never removes an order); the CRM
--- check `order_parts_have_their_order` verifies them set-based after every transform run. References to
--- the code lists, contacts and customers stay enforced.
+-- An order and its parts (addresses, lines, their taxes and meta, tax/shipping/fee/coupon lines, meta,
+-- shipment, unmapped fields) are written only by the orders transform, from the order's own document, in
+-- the transaction that upserts the order right after adding the codes (status, currency, gateway,
+-- country, tax class) and contacts the batch uses: their references hold by construction, and checking
+-- them row by row (an index probe per reference, ~15 per order) was about a third of the transform. On
+-- PostgreSQL 18+ those references stay declared (for people and tools reading the schema) but NOT
+-- ENFORCED, so nothing cascades either (the CRM never removes an order: deletes are soft); the CRM checks
+-- `order_parts_have_their_order` and `orders_use_known_codes` verify them set-based after every
+-- transform run. References from other tables (refunds, subscriptions, contacts) stay enforced.
 DO $$
 DECLARE r record;
 BEGIN
@@ -210,13 +227,12 @@ BEGIN
     END IF;
     FOR r IN SELECT c.conrelid::regclass AS tab, c.conname FROM pg_constraint c
              WHERE c.contype = 'f' AND c.conenforced
-               AND c.confrelid IN ('crm.sales_order'::regclass, 'crm.sales_order_line'::regclass)
-               AND c.conrelid IN ('crm.sales_order_address'::regclass, 'crm.sales_order_line'::regclass,
-                                  'crm.sales_order_line_tax'::regclass, 'crm.sales_order_line_meta'::regclass,
-                                  'crm.sales_order_tax'::regclass, 'crm.sales_order_shipping'::regclass,
-                                  'crm.sales_order_fee'::regclass, 'crm.sales_order_coupon'::regclass,
-                                  'crm.sales_order_meta'::regclass, 'crm.shipment'::regclass,
-                                  'crm.sales_order_extra_fields'::regclass) LOOP
+               AND c.conrelid IN ('crm.sales_order'::regclass, 'crm.sales_order_address'::regclass,
+                                  'crm.sales_order_line'::regclass, 'crm.sales_order_line_tax'::regclass,
+                                  'crm.sales_order_line_meta'::regclass, 'crm.sales_order_tax'::regclass,
+                                  'crm.sales_order_shipping'::regclass, 'crm.sales_order_fee'::regclass,
+                                  'crm.sales_order_coupon'::regclass, 'crm.sales_order_meta'::regclass,
+                                  'crm.shipment'::regclass, 'crm.sales_order_extra_fields'::regclass) LOOP
         EXECUTE format('ALTER TABLE %s ALTER CONSTRAINT %I NOT ENFORCED', r.tab, r.conname);
     END LOOP;
 END $$;
