@@ -4,14 +4,14 @@ SELECT sync.prepare_batch('orders', 'crm.sales_order');
 
 -- Each document expanded once (jsonb_to_record / jsonb_to_recordset: one pass over an object instead of a
 -- `->>` per field, and an inlined crm.money(x->>'f') evaluates its argument three times) into staged temp
--- tables (no WAL), which every statement below reads. Text columns: the same values `->>` gives.
+-- tables (no WAL), which every statement below reads. Text columns: the same values `->>` gives. The
+-- arrays read once stay in b (a copy would be compressed again past 2 kB).
 CREATE TEMP TABLE o ON COMMIT DROP AS
 SELECT b.source_key::bigint AS id, b.inbox_id, b.run_id, b.source_modified_at, r.*
 FROM b, jsonb_to_record(b.payload) AS r(number text, status text, currency text, customer_id text, payment_method text,
     payment_method_title text, transaction_id text, created_via text, prices_include_tax text, customer_note text,
     discount_total text, discount_tax text, shipping_total text, shipping_tax text, cart_tax text, total text,
-    total_tax text, date_created_gmt text, date_paid_gmt text, date_completed_gmt text, meta_data jsonb,
-    line_items jsonb, tax_lines jsonb, shipping_lines jsonb, fee_lines jsonb, coupon_lines jsonb);
+    total_tax text, date_created_gmt text, date_paid_gmt text, date_completed_gmt text, meta_data jsonb);
 -- Addresses (not objects: nothing, as `->>` reads them), the country code worked out once.
 CREATE TEMP TABLE ad ON COMMIT DROP AS
 SELECT b.source_key::bigint AS order_id, x.kind, r.*, crm.country_code(r.country) AS iso2,
@@ -21,10 +21,12 @@ FROM b, LATERAL (VALUES ('billing', b.payload->'billing'), ('shipping', b.payloa
          company text, address_1 text, address_2 text, city text, state text, postcode text, country text,
          email text, phone text);
 CREATE TEMP TABLE li ON COMMIT DROP AS
-SELECT o.id AS order_id, r.*
-FROM o, jsonb_to_recordset(o.line_items) AS r(id text, product_id text, variation_id text, name text, sku text,
-    quantity text, tax_class text, subtotal text, subtotal_tax text, total text, total_tax text, taxes jsonb,
+SELECT b.source_key::bigint AS order_id, r.*
+FROM b, jsonb_to_recordset(b.payload->'line_items') AS r(id text, product_id text, variation_id text, name text,
+    sku text, quantity text, tax_class text, subtotal text, subtotal_tax text, total text, total_tax text, taxes jsonb,
     meta_data jsonb);
+ANALYZE o;
+ANALYZE ad;
 
 -- Codes the orders use that the code lists may not have yet (labels follow from the snapshots).
 INSERT INTO crm.currency (code) SELECT DISTINCT currency FROM o ON CONFLICT DO NOTHING;
@@ -122,27 +124,28 @@ SELECT li.id::bigint, (m->>'id')::bigint, m->>'key', m->'value'
 FROM li, jsonb_array_elements(li.meta_data) m;
 
 INSERT INTO crm.sales_order_tax (id, order_id, rate_code, rate_id, label, compound, tax_total, shipping_tax_total, rate_percent)
-SELECT t.id::bigint, o.id, t.rate_code, t.rate_id::bigint, t.label, t.compound::boolean, crm.money(t.tax_total),
-       crm.money(t.shipping_tax_total), t.rate_percent::numeric
-FROM o, jsonb_to_recordset(o.tax_lines) AS t(id text, rate_code text, rate_id text, label text, compound text,
-                                            tax_total text, shipping_tax_total text, rate_percent text);
+SELECT t.id::bigint, b.source_key::bigint, t.rate_code, t.rate_id::bigint, t.label, t.compound::boolean,
+       crm.money(t.tax_total), crm.money(t.shipping_tax_total), t.rate_percent::numeric
+FROM b, jsonb_to_recordset(b.payload->'tax_lines') AS t(id text, rate_code text, rate_id text, label text,
+    compound text, tax_total text, shipping_tax_total text, rate_percent text);
 
 INSERT INTO crm.sales_order_shipping (id, order_id, method_id, method_title, instance_id, total, total_tax)
-SELECT s.id::bigint, o.id, s.method_id, crm.html_text(s.method_title), s.instance_id, crm.money(s.total),
-       crm.money(s.total_tax)
-FROM o, jsonb_to_recordset(o.shipping_lines) AS s(id text, method_id text, method_title text, instance_id text,
-                                                 total text, total_tax text);
+SELECT s.id::bigint, b.source_key::bigint, s.method_id, crm.html_text(s.method_title), s.instance_id,
+       crm.money(s.total), crm.money(s.total_tax)
+FROM b, jsonb_to_recordset(b.payload->'shipping_lines') AS s(id text, method_id text, method_title text,
+    instance_id text, total text, total_tax text);
 
 INSERT INTO crm.sales_order_fee (id, order_id, name, tax_class, tax_status, total, total_tax)
-SELECT f.id::bigint, o.id, crm.html_text(f.name), f.tax_class, f.tax_status, crm.money(f.total), crm.money(f.total_tax)
-FROM o, jsonb_to_recordset(o.fee_lines) AS f(id text, name text, tax_class text, tax_status text, total text,
-                                            total_tax text);
+SELECT f.id::bigint, b.source_key::bigint, crm.html_text(f.name), f.tax_class, f.tax_status, crm.money(f.total),
+       crm.money(f.total_tax)
+FROM b, jsonb_to_recordset(b.payload->'fee_lines') AS f(id text, name text, tax_class text, tax_status text,
+    total text, total_tax text);
 
 INSERT INTO crm.sales_order_coupon (id, order_id, code, discount, discount_tax, discount_type, nominal_amount)
-SELECT c.id::bigint, o.id, c.code, crm.money(c.discount), crm.money(c.discount_tax), c.discount_type,
+SELECT c.id::bigint, b.source_key::bigint, c.code, crm.money(c.discount), crm.money(c.discount_tax), c.discount_type,
        c.nominal_amount::numeric
-FROM o, jsonb_to_recordset(o.coupon_lines) AS c(id text, code text, discount text, discount_tax text,
-                                               discount_type text, nominal_amount text);
+FROM b, jsonb_to_recordset(b.payload->'coupon_lines') AS c(id text, code text, discount text,
+    discount_tax text, discount_type text, nominal_amount text);
 
 -- Known meta keys become columns or relations; every other key is kept as it came.
 INSERT INTO crm.shipment (order_id, carrier, tracking_number)
