@@ -2,29 +2,52 @@
 -- meta; known meta keys promoted; buyers as contacts; missing customers and products queued.
 SELECT sync.prepare_batch('orders', 'crm.sales_order');
 
+-- Each document expanded once (jsonb_to_record / jsonb_to_recordset: one pass over an object instead of a
+-- `->>` per field, and an inlined crm.money(x->>'f') evaluates its argument three times) into staged temp
+-- tables (no WAL), which every statement below reads. Text columns: the same values `->>` gives. The
+-- arrays read once stay in b (a copy would be compressed again past 2 kB).
+CREATE TEMP TABLE o ON COMMIT DROP AS
+SELECT b.source_key::bigint AS id, b.inbox_id, b.run_id, b.source_modified_at, r.*
+FROM b, jsonb_to_record(b.payload) AS r(number text, status text, currency text, customer_id text, payment_method text,
+    payment_method_title text, transaction_id text, created_via text, prices_include_tax text, customer_note text,
+    discount_total text, discount_tax text, shipping_total text, shipping_tax text, cart_tax text, total text,
+    total_tax text, date_created_gmt text, date_paid_gmt text, date_completed_gmt text, meta_data jsonb);
+-- Addresses (not objects: nothing, as `->>` reads them), the country code worked out once.
+CREATE TEMP TABLE ad ON COMMIT DROP AS
+SELECT b.source_key::bigint AS order_id, x.kind, r.*, crm.country_code(r.country) AS iso2,
+       lower(btrim(r.email)) AS email_norm
+FROM b, LATERAL (VALUES ('billing', b.payload->'billing'), ('shipping', b.payload->'shipping')) x(kind, a),
+     jsonb_to_record(CASE WHEN jsonb_typeof(x.a) = 'object' THEN x.a END) AS r(first_name text, last_name text,
+         company text, address_1 text, address_2 text, city text, state text, postcode text, country text,
+         email text, phone text);
+CREATE TEMP TABLE li ON COMMIT DROP AS
+SELECT b.source_key::bigint AS order_id, r.*
+FROM b, jsonb_to_recordset(b.payload->'line_items') AS r(id text, product_id text, variation_id text, name text,
+    sku text, quantity text, tax_class text, subtotal text, subtotal_tax text, total text, total_tax text, taxes jsonb,
+    meta_data jsonb);
+ANALYZE o;
+ANALYZE ad;
+
 -- Codes the orders use that the code lists may not have yet (labels follow from the snapshots).
-INSERT INTO crm.currency (code) SELECT DISTINCT payload->>'currency' FROM b ON CONFLICT DO NOTHING;
-INSERT INTO crm.order_status (code, label) SELECT DISTINCT payload->>'status', payload->>'status' FROM b
-ON CONFLICT DO NOTHING;
+INSERT INTO crm.currency (code) SELECT DISTINCT currency FROM o ON CONFLICT DO NOTHING;
+INSERT INTO crm.order_status (code, label) SELECT DISTINCT status, status FROM o ON CONFLICT DO NOTHING;
 INSERT INTO crm.payment_method (code, title)
-SELECT DISTINCT ON (payload->>'payment_method') payload->>'payment_method', crm.html_text(payload->>'payment_method_title')
-FROM b WHERE COALESCE(payload->>'payment_method', '') <> '' ON CONFLICT DO NOTHING;
+SELECT DISTINCT ON (payment_method) payment_method, crm.html_text(payment_method_title)
+FROM o WHERE COALESCE(payment_method, '') <> '' ON CONFLICT DO NOTHING;
 INSERT INTO crm.country (iso2, name)
-SELECT DISTINCT crm.country_code(a->>'country'), crm.country_code(a->>'country')
-FROM b, LATERAL (VALUES (payload->'billing'), (payload->'shipping')) x(a)
-WHERE crm.country_code(a->>'country') IS NOT NULL ON CONFLICT DO NOTHING;
+SELECT DISTINCT iso2, iso2 FROM ad WHERE iso2 IS NOT NULL ON CONFLICT DO NOTHING;
 INSERT INTO crm.tax_class (slug, name)
-SELECT DISTINCT li->>'tax_class', li->>'tax_class' FROM b, jsonb_array_elements(payload->'line_items') li
-WHERE COALESCE(li->>'tax_class', '') <> '' ON CONFLICT DO NOTHING;
+SELECT DISTINCT tax_class, tax_class FROM li WHERE COALESCE(tax_class, '') <> '' ON CONFLICT DO NOTHING;
 
 -- Buyers, registered or guests, once each by normalised email.
 INSERT INTO crm.contact (email_norm, first_name, last_name, customer_id)
-SELECT DISTINCT ON (lower(btrim(payload->'billing'->>'email'))) lower(btrim(payload->'billing'->>'email')),
-       crm.html_text(payload->'billing'->>'first_name'), crm.html_text(payload->'billing'->>'last_name'), c.id
-FROM b LEFT JOIN crm.customer c ON c.id = NULLIF((payload->>'customer_id')::bigint, 0)
-WHERE COALESCE(btrim(payload->'billing'->>'email'), '') <> ''
-ORDER BY lower(btrim(payload->'billing'->>'email')), b.source_modified_at DESC
-ON CONFLICT (email_norm) DO UPDATE SET customer_id = COALESCE(crm.contact.customer_id, EXCLUDED.customer_id);
+SELECT DISTINCT ON (ad.email_norm) ad.email_norm, crm.html_text(ad.first_name), crm.html_text(ad.last_name), c.id
+FROM ad JOIN o ON o.id = ad.order_id LEFT JOIN crm.customer c ON c.id = NULLIF(o.customer_id::bigint, 0)
+WHERE ad.kind = 'billing' AND COALESCE(btrim(ad.email), '') <> ''
+ORDER BY ad.email_norm, o.source_modified_at DESC
+-- (a contact the CRM holds is rewritten only when it gains its customer: most buyers come back)
+ON CONFLICT (email_norm) DO UPDATE SET customer_id = EXCLUDED.customer_id
+WHERE crm.contact.customer_id IS NULL AND EXCLUDED.customer_id IS NOT NULL;
 
 CREATE TEMP TABLE known ON COMMIT DROP AS
 SELECT o.id FROM crm.sales_order o JOIN b ON o.id = b.source_key::bigint;
@@ -34,18 +57,18 @@ INSERT INTO crm.sales_order (id, number, status, currency, customer_id, contact_
     transaction_id, created_via, prices_include_tax, customer_note, discount_total, discount_tax, shipping_total,
     shipping_tax, cart_tax, total, total_tax, date_created, date_paid, date_completed, downloads_granted,
     attribution_source, source_modified_at, deleted_at, landed_run_id, landed_inbox_id)
-SELECT b.source_key::bigint, p->>'number', p->>'status', p->>'currency', NULLIF((p->>'customer_id')::bigint, 0),
-       c.contact_id, NULLIF(p->>'payment_method', ''), crm.html_text(NULLIF(p->>'payment_method_title', '')),
-       NULLIF(p->>'transaction_id', ''), p->>'created_via', (p->>'prices_include_tax')::boolean,
-       NULLIF(p->>'customer_note', ''), crm.money(p->>'discount_total'), crm.money(p->>'discount_tax'),
-       crm.money(p->>'shipping_total'), crm.money(p->>'shipping_tax'), crm.money(p->>'cart_tax'),
-       crm.money(p->>'total'), crm.money(p->>'total_tax'), crm.gmt(p->>'date_created_gmt'),
-       crm.gmt(p->>'date_paid_gmt'), crm.gmt(p->>'date_completed_gmt'),
-       crm.meta(p->'meta_data', '_download_permissions_granted') #>> '{}' = 'yes',
-       crm.meta(p->'meta_data', '_wc_order_attribution_source_type') #>> '{}',
-       b.source_modified_at, CASE WHEN p->>'status' = 'trash' THEN b.source_modified_at END, b.run_id, b.inbox_id
-FROM b CROSS JOIN LATERAL (SELECT b.payload AS p) x
-LEFT JOIN crm.contact c ON c.email_norm = lower(btrim(p->'billing'->>'email'))
+SELECT o.id, o.number, o.status, o.currency, NULLIF(o.customer_id::bigint, 0),
+       c.contact_id, NULLIF(o.payment_method, ''), crm.html_text(NULLIF(o.payment_method_title, '')),
+       NULLIF(o.transaction_id, ''), o.created_via, o.prices_include_tax::boolean,
+       NULLIF(o.customer_note, ''), crm.money(o.discount_total), crm.money(o.discount_tax),
+       crm.money(o.shipping_total), crm.money(o.shipping_tax), crm.money(o.cart_tax),
+       crm.money(o.total), crm.money(o.total_tax), crm.gmt(o.date_created_gmt),
+       crm.gmt(o.date_paid_gmt), crm.gmt(o.date_completed_gmt),
+       crm.meta(o.meta_data, '_download_permissions_granted') #>> '{}' = 'yes',
+       crm.meta(o.meta_data, '_wc_order_attribution_source_type') #>> '{}',
+       o.source_modified_at, CASE WHEN o.status = 'trash' THEN o.source_modified_at END, o.run_id, o.inbox_id
+FROM o LEFT JOIN ad ON ad.order_id = o.id AND ad.kind = 'billing'
+LEFT JOIN crm.contact c ON c.email_norm = ad.email_norm
 ON CONFLICT (id) DO UPDATE SET number = EXCLUDED.number, status = EXCLUDED.status, currency = EXCLUDED.currency,
     customer_id = EXCLUDED.customer_id, contact_id = EXCLUDED.contact_id, payment_method = EXCLUDED.payment_method,
     payment_method_title = EXCLUDED.payment_method_title, transaction_id = EXCLUDED.transaction_id,
@@ -78,78 +101,78 @@ DELETE FROM crm.shipment WHERE order_id IN (SELECT id FROM known);
 
 INSERT INTO crm.sales_order_address (order_id, kind, first_name, last_name, company, address_1, address_2, city,
                                      state_code, postcode, country_iso2, country_raw, email, phone)
-SELECT b.source_key::bigint, x.kind, crm.html_text(a->>'first_name'), crm.html_text(a->>'last_name'),
-       NULLIF(a->>'company', ''), NULLIF(a->>'address_1', ''), NULLIF(a->>'address_2', ''), crm.html_text(NULLIF(a->>'city', '')),
-       NULLIF(a->>'state', ''), NULLIF(a->>'postcode', ''), crm.country_code(a->>'country'),
-       CASE WHEN crm.country_code(a->>'country') IS NULL THEN NULLIF(a->>'country', '') END, NULLIF(a->>'email', ''),
-       NULLIF(a->>'phone', '')
-FROM b, LATERAL (VALUES ('billing', payload->'billing'), ('shipping', payload->'shipping')) x(kind, a)
-WHERE COALESCE(a->>'address_1', '') <> '' OR COALESCE(a->>'first_name', '') <> '' OR COALESCE(a->>'email', '') <> '';
+SELECT order_id, kind, crm.html_text(first_name), crm.html_text(last_name),
+       NULLIF(company, ''), NULLIF(address_1, ''), NULLIF(address_2, ''), crm.html_text(NULLIF(city, '')),
+       NULLIF(state, ''), NULLIF(postcode, ''), iso2, CASE WHEN iso2 IS NULL THEN NULLIF(country, '') END,
+       NULLIF(email, ''), NULLIF(phone, '')
+FROM ad
+WHERE COALESCE(address_1, '') <> '' OR COALESCE(first_name, '') <> '' OR COALESCE(email, '') <> '';
 
 INSERT INTO crm.sales_order_line (id, order_id, product_id, variation_id, name, sku, quantity, tax_class, subtotal,
                                   subtotal_tax, total, total_tax)
-SELECT (li->>'id')::bigint, b.source_key::bigint, NULLIF((li->>'product_id')::bigint, 0),
-       NULLIF((li->>'variation_id')::bigint, 0), crm.html_text(li->>'name'), NULLIF(li->>'sku', ''),
-       (li->>'quantity')::numeric, COALESCE(NULLIF(li->>'tax_class', ''), 'standard'), crm.money(li->>'subtotal'),
-       crm.money(li->>'subtotal_tax'), crm.money(li->>'total'), crm.money(li->>'total_tax')
-FROM b, jsonb_array_elements(payload->'line_items') li;
+SELECT id::bigint, order_id, NULLIF(product_id::bigint, 0), NULLIF(variation_id::bigint, 0), crm.html_text(name),
+       NULLIF(sku, ''), quantity::numeric, COALESCE(NULLIF(tax_class, ''), 'standard'), crm.money(subtotal),
+       crm.money(subtotal_tax), crm.money(total), crm.money(total_tax)
+FROM li;
 
 INSERT INTO crm.sales_order_line_tax (line_id, rate_id, total, subtotal)
-SELECT (li->>'id')::bigint, (t->>'id')::bigint, crm.money(t->>'total'), crm.money(t->>'subtotal')
-FROM b, jsonb_array_elements(payload->'line_items') li, jsonb_array_elements(li->'taxes') t;
+SELECT li.id::bigint, t.id::bigint, crm.money(t.total), crm.money(t.subtotal)
+FROM li, jsonb_to_recordset(li.taxes) AS t(id text, total text, subtotal text);
 
 INSERT INTO crm.sales_order_line_meta (line_id, meta_id, key, value)
-SELECT (li->>'id')::bigint, (m->>'id')::bigint, m->>'key', m->'value'
-FROM b, jsonb_array_elements(payload->'line_items') li, jsonb_array_elements(li->'meta_data') m;
+SELECT li.id::bigint, (m->>'id')::bigint, m->>'key', m->'value'
+FROM li, jsonb_array_elements(li.meta_data) m;
 
 INSERT INTO crm.sales_order_tax (id, order_id, rate_code, rate_id, label, compound, tax_total, shipping_tax_total, rate_percent)
-SELECT (t->>'id')::bigint, b.source_key::bigint, t->>'rate_code', (t->>'rate_id')::bigint, t->>'label',
-       (t->>'compound')::boolean, crm.money(t->>'tax_total'), crm.money(t->>'shipping_tax_total'), (t->>'rate_percent')::numeric
-FROM b, jsonb_array_elements(payload->'tax_lines') t;
+SELECT t.id::bigint, b.source_key::bigint, t.rate_code, t.rate_id::bigint, t.label, t.compound::boolean,
+       crm.money(t.tax_total), crm.money(t.shipping_tax_total), t.rate_percent::numeric
+FROM b, jsonb_to_recordset(b.payload->'tax_lines') AS t(id text, rate_code text, rate_id text, label text,
+    compound text, tax_total text, shipping_tax_total text, rate_percent text);
 
 INSERT INTO crm.sales_order_shipping (id, order_id, method_id, method_title, instance_id, total, total_tax)
-SELECT (s->>'id')::bigint, b.source_key::bigint, s->>'method_id', crm.html_text(s->>'method_title'), s->>'instance_id',
-       crm.money(s->>'total'), crm.money(s->>'total_tax')
-FROM b, jsonb_array_elements(payload->'shipping_lines') s;
+SELECT s.id::bigint, b.source_key::bigint, s.method_id, crm.html_text(s.method_title), s.instance_id,
+       crm.money(s.total), crm.money(s.total_tax)
+FROM b, jsonb_to_recordset(b.payload->'shipping_lines') AS s(id text, method_id text, method_title text,
+    instance_id text, total text, total_tax text);
 
 INSERT INTO crm.sales_order_fee (id, order_id, name, tax_class, tax_status, total, total_tax)
-SELECT (f->>'id')::bigint, b.source_key::bigint, crm.html_text(f->>'name'), f->>'tax_class', f->>'tax_status',
-       crm.money(f->>'total'), crm.money(f->>'total_tax')
-FROM b, jsonb_array_elements(payload->'fee_lines') f;
+SELECT f.id::bigint, b.source_key::bigint, crm.html_text(f.name), f.tax_class, f.tax_status, crm.money(f.total),
+       crm.money(f.total_tax)
+FROM b, jsonb_to_recordset(b.payload->'fee_lines') AS f(id text, name text, tax_class text, tax_status text,
+    total text, total_tax text);
 
 INSERT INTO crm.sales_order_coupon (id, order_id, code, discount, discount_tax, discount_type, nominal_amount)
-SELECT (c->>'id')::bigint, b.source_key::bigint, c->>'code', crm.money(c->>'discount'), crm.money(c->>'discount_tax'),
-       c->>'discount_type', (c->>'nominal_amount')::numeric
-FROM b, jsonb_array_elements(payload->'coupon_lines') c;
+SELECT c.id::bigint, b.source_key::bigint, c.code, crm.money(c.discount), crm.money(c.discount_tax), c.discount_type,
+       c.nominal_amount::numeric
+FROM b, jsonb_to_recordset(b.payload->'coupon_lines') AS c(id text, code text, discount text,
+    discount_tax text, discount_type text, nominal_amount text);
 
 -- Known meta keys become columns or relations; every other key is kept as it came.
 INSERT INTO crm.shipment (order_id, carrier, tracking_number)
-SELECT b.source_key::bigint, t->>'carrier', t->>'number'
-FROM b, LATERAL (SELECT crm.meta(payload->'meta_data', '_tracking') AS t) x WHERE t IS NOT NULL;
+SELECT o.id, t->>'carrier', t->>'number'
+FROM o, LATERAL (SELECT crm.meta(o.meta_data, '_tracking') AS t) x WHERE t IS NOT NULL;
 
 INSERT INTO crm.subscription_order (subscription_id, order_id, relation)
-SELECT (m->'value' #>> '{}')::bigint, b.source_key::bigint,
-       CASE m->>'key' WHEN '_subscription_renewal' THEN 'renewal' ELSE 'switch' END
-FROM b, jsonb_array_elements(payload->'meta_data') m
+SELECT (m->'value' #>> '{}')::bigint, o.id, CASE m->>'key' WHEN '_subscription_renewal' THEN 'renewal' ELSE 'switch' END
+FROM o, jsonb_array_elements(o.meta_data) m
 WHERE m->>'key' IN ('_subscription_renewal', '_subscription_switch')
 ON CONFLICT DO NOTHING;
 
 INSERT INTO crm.sales_order_meta (order_id, meta_id, key, value)
-SELECT b.source_key::bigint, (m->>'id')::bigint, m->>'key', m->'value'
-FROM b, jsonb_array_elements(payload->'meta_data') m
+SELECT o.id, (m->>'id')::bigint, m->>'key', m->'value'
+FROM o, jsonb_array_elements(o.meta_data) m
 WHERE m->>'key' NOT IN ('_download_permissions_granted', '_wc_order_attribution_source_type', '_tracking',
                         '_subscription_renewal', '_subscription_switch');
 
 -- References the CRM cannot resolve yet: kept as source ids, and queued for fetching on demand.
 -- (Read from the batch's documents: the CRM's tables grow, the batch does not.)
 INSERT INTO sync.fetch_request (entity, source_key, reason)
-SELECT DISTINCT ON (o.customer_id) 'customers', o.customer_id::text, 'customer of order ' || b.source_key
-FROM b CROSS JOIN LATERAL (SELECT NULLIF((b.payload->>'customer_id')::bigint, 0) AS customer_id) o
-WHERE o.customer_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM crm.customer c WHERE c.id = o.customer_id)
+SELECT DISTINCT ON (c.customer_id) 'customers', c.customer_id::text, 'customer of order ' || o.id
+FROM o CROSS JOIN LATERAL (SELECT NULLIF(o.customer_id::bigint, 0) AS customer_id) c
+WHERE c.customer_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM crm.customer k WHERE k.id = c.customer_id)
 ON CONFLICT DO NOTHING;
 INSERT INTO sync.fetch_request (entity, source_key, reason)
-SELECT DISTINCT ON (l.product_id) 'products', l.product_id::text, 'product of order line ' || (li->>'id')
-FROM b, jsonb_array_elements(b.payload->'line_items') li,
-     LATERAL (SELECT NULLIF((li->>'product_id')::bigint, 0) AS product_id) l
+SELECT DISTINCT ON (l.product_id) 'products', l.product_id::text, 'product of order line ' || li.id
+FROM li CROSS JOIN LATERAL (SELECT NULLIF(li.product_id::bigint, 0) AS product_id) l
 WHERE l.product_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM crm.product p WHERE p.id = l.product_id)
 ON CONFLICT DO NOTHING;
