@@ -39,7 +39,9 @@ class Truth:
 @pytest.fixture(scope="module")
 def small_store(sandbox_factory):
     # related_ids in one order: a real store shuffles them per read, and the truth is compared whole.
-    sandbox = sandbox_factory(size="small", seed=9, extra=["--fixed-related"])
+    # Pages take 0.2-0.3 s, longer than the budget's spacing (1/12 s): requests overlap only when the
+    # first load really runs them side by side, whatever the machine's speed.
+    sandbox = sandbox_factory(size="small", seed=9, extra=["--fixed-related", "--page-latency", "0.2-0.3"])
     proxy = CountingProxy(sandbox.port)
     yield sandbox, proxy
     proxy.close()
@@ -76,7 +78,9 @@ def test_concurrent_first_load_matches_the_store_within_its_budget(small_store, 
     busiest, in_flight = proxy.busiest_second(), proxy.most_in_flight()
     print(f"\nfirst load: {len(proxy.store_api())} requests in {result['seconds']}s; busiest second {busiest} "
           f"(budget {RATE}/s), most in flight {in_flight} (budget {IN_FLIGHT})")
-    assert busiest <= RATE + 1, f"{busiest} requests in one second against a budget of {RATE}/s"
+    # The budget spaces the starts 1/RATE apart; a thread woken late on two busy cores sends its request
+    # late and the next one is on time, so one more may reach the store within a second (as in the Celery test).
+    assert busiest <= RATE + 2, f"{busiest} requests in one second against a budget of {RATE}/s"
     assert in_flight <= IN_FLIGHT
     assert in_flight >= 2, "the first load never had two requests in flight: nothing ran concurrently"
     orders_transformed = [s for s in result["transform"] if s["step"] == "50_orders.sql"]
@@ -97,7 +101,7 @@ def test_watch_dag_first_cycle_is_a_first_load(small_store, wired):
     counts = land_entity("orders", "watch-first")
     assert counts["mode"] == "first_load" and counts["status"] == "success"
     assert_inbox_matches_truth(dsn, Truth(sandbox, proxy.url), "orders")
-    assert proxy.most_in_flight() >= 2 and proxy.busiest_second() <= RATE + 1
+    assert proxy.most_in_flight() >= 2 and proxy.busiest_second() <= RATE + 2
     with psycopg.connect(dsn) as conn:
         cursor = conn.execute("SELECT cursor_at FROM sync.watermark WHERE entity = 'orders'").fetchone()
     assert cursor and cursor[0] is not None

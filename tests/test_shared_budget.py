@@ -25,12 +25,18 @@ dsn, url, lane, rate, in_flight, store_rate, store_in_flight, requests, threads 
 budget = SharedBudget(dsn, url, Lane(lane, float(rate), int(in_flight)), Lane("*", float(store_rate), int(store_in_flight)))
 client = StoreClient(url, "ck_sandbox", "cs_sandbox", budget=budget, max_retries=0)
 per_thread = int(requests) // int(threads)
+errors = []
 def work():
-    for _ in range(per_thread):
-        client.get("orders", {"per_page": 1, "_fields": "id"})
+    try:
+        for _ in range(per_thread):
+            client.get("orders", {"per_page": 1, "_fields": "id"})
+    except BaseException as exc:  # a thread's exception would not fail the process by itself
+        errors.append(repr(exc))
 workers = [threading.Thread(target=work) for _ in range(int(threads))]
 [t.start() for t in workers]
 [t.join() for t in workers]
+if errors:
+    sys.exit("worker failed: " + "; ".join(errors))
 print(budget.requests)
 """
 
@@ -173,7 +179,8 @@ def test_the_hook_gives_the_shared_budget_and_its_lanes(crm_dsn, monkeypatch, sa
         "extra": {"requests_per_second": "7", "backfill_requests_per_second": "3", "store_max_in_flight": "4"}}))
     live = StoreApiHook().get_client()
     assert isinstance(live.budget, SharedBudget)
-    assert (live.budget.lane, live.budget.whole) == (Lane("live", 7, 3), Lane("*", 7, 4))
+    # the store's rate defaults to the largest lane's: the first-load lane's 10 (its default) here
+    assert (live.budget.lane, live.budget.whole) == (Lane("live", 7, 3), Lane("*", 10, 4))
     hook = StoreApiHook()
     hook.overrides = hook.backfill_budget()
     backfill = hook.get_client()
@@ -183,5 +190,5 @@ def test_the_hook_gives_the_shared_budget_and_its_lanes(crm_dsn, monkeypatch, sa
     with psycopg.connect(crm_dsn) as conn:
         assert dict(conn.execute("SELECT lane, requests FROM sync.store_budget").fetchall()) == {
             "*": 2, "live": 1, "backfill": 1}
-    with pytest.raises(ValueError, match="unknown request budget lane 'bulk'; the lanes are live, backfill, fetch"):
+    with pytest.raises(ValueError, match="unknown request budget lane 'bulk'; the lanes are live, backfill, fetch, first_load"):
         StoreApiHook().lane_budget("bulk")

@@ -15,9 +15,13 @@ def migrate(dsn: str) -> list[str]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         if up_to_date(conn):  # the usual case, once per landing cycle: one query, no locks
             return applied
-        conn.execute("CREATE SCHEMA IF NOT EXISTS sync")
-        conn.execute("CREATE TABLE IF NOT EXISTS sync.schema_migration (version text PRIMARY KEY, "
-                     "applied_at timestamptz NOT NULL DEFAULT now())")
+        with conn.transaction():
+            # IF NOT EXISTS is not safe between sessions (two first starts at once, e.g. Celery workers,
+            # collide on pg_namespace's unique index): the migrators' lock comes first.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('store_sync.migrate'))")
+            conn.execute("CREATE SCHEMA IF NOT EXISTS sync")
+            conn.execute("CREATE TABLE IF NOT EXISTS sync.schema_migration (version text PRIMARY KEY, "
+                         "applied_at timestamptz NOT NULL DEFAULT now())")
         for path in sorted(MIGRATIONS.glob("*.sql")):
             with conn.transaction():
                 # One migrator at a time (parallel tasks, tests): a transaction-scoped advisory lock.
