@@ -33,6 +33,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from store_sync.store.client import LatencyWatch
+
 log = logging.getLogger(__name__)
 
 
@@ -93,7 +95,7 @@ class _Connection:
             migrate(self.dsn)
 
 
-class SharedBudget:
+class SharedBudget(LatencyWatch):
     """The ``RequestBudget`` interface (acquire, release, slow_down, recover, observe) over the CRM's rows."""
 
     def __init__(self, dsn: str, store: str, lane: Lane, whole: Lane, lease_seconds: float = 70.0):
@@ -103,13 +105,11 @@ class SharedBudget:
         self.max_in_flight = max(1, int(lane.max_in_flight))
         self.lease_seconds = lease_seconds
         self.waited = 0.0
-        self.latency: float | None = None
-        self.latency_slowdowns = 0
         self.requests = 0
         self._db = _Connection.get(dsn)
         self._local = threading.local()
         self._holder = f"{socket.gethostname()}:{os.getpid()}"
-        self._stat_lock = threading.Lock()
+        self._stat_lock = self._latency_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (f"SharedBudget({self.store!r}, lane={self.lane.name!r} {self.lane.requests_per_second}/s "
@@ -165,15 +165,6 @@ class SharedBudget:
                                 (self.store, self.lane.name))[0]
         if rate is not None:
             self.rate = float(rate)
-
-    def observe(self, seconds: float) -> None:
-        """Rising latency means a busy store (the baseline is this process's: latency is a local view)."""
-        with self._stat_lock:
-            baseline = self.latency
-            self.latency = seconds if baseline is None else 0.9 * baseline + 0.1 * seconds
-        if baseline is not None and seconds > max(1.0, 3 * baseline):
-            self.slow_down()
-            self.latency_slowdowns += 1
 
 
 _BUDGETS: dict[tuple, SharedBudget] = {}

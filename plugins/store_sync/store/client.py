@@ -65,7 +65,23 @@ class StoreUnavailable(StoreApiError):
 # ---------------------------------------------------------------------------------------------
 # Budget shared by every client of one store in this process (budget.py shares one across processes)
 # ---------------------------------------------------------------------------------------------
-class RequestBudget:
+class LatencyWatch:
+    """Rising latency means a busy store: slow down before it starts refusing. The baseline is this
+    process's own (latency is a local view), whichever budget it feeds; ``_latency_lock`` guards it."""
+
+    latency: float | None = None
+    latency_slowdowns: int = 0
+
+    def observe(self, seconds: float) -> None:
+        with self._latency_lock:
+            baseline = self.latency
+            self.latency = seconds if baseline is None else 0.9 * baseline + 0.1 * seconds
+        if baseline is not None and seconds > max(1.0, 3 * baseline):
+            self.slow_down()
+            self.latency_slowdowns += 1
+
+
+class RequestBudget(LatencyWatch):
     """Token bucket (requests per second) + semaphore (requests in flight), with AIMD on trouble."""
 
     def __init__(self, requests_per_second: float, max_in_flight: int):
@@ -73,11 +89,9 @@ class RequestBudget:
         self.rate = float(requests_per_second)
         self.in_flight = threading.BoundedSemaphore(max(1, int(max_in_flight)))
         self.max_in_flight = max(1, int(max_in_flight))
-        self._lock = threading.Lock()
+        self._lock = self._latency_lock = threading.Lock()
         self._next_slot = time.monotonic()
         self.waited = 0.0
-        self.latency: float | None = None
-        self.latency_slowdowns = 0
 
     def acquire(self) -> None:
         self.in_flight.acquire()
@@ -101,14 +115,6 @@ class RequestBudget:
         with self._lock:
             self.rate = min(self.max_rate, self.rate + self.max_rate * 0.05)
 
-    def observe(self, seconds: float) -> None:
-        """Rising latency means a busy store: slow down before it starts refusing."""
-        with self._lock:
-            baseline = self.latency
-            self.latency = seconds if baseline is None else 0.9 * baseline + 0.1 * seconds
-        if baseline is not None and seconds > max(1.0, 3 * baseline):
-            self.slow_down()
-            self.latency_slowdowns += 1
 
 
 _BUDGETS: dict[str, RequestBudget] = {}
