@@ -111,7 +111,10 @@ def test_backfill_split_across_two_celery_workers_beside_live_sync(tmp_path, dat
         store_conn = json.dumps({"conn_type": "http", "host": sandbox.url, "login": "ck_sandbox",
                                  "password": "cs_sandbox", "extra": {
                                      "requests_per_second": BUDGET, "max_in_flight": 3,
-                                     "backfill_requests_per_second": BACKFILL_BUDGET, "backfill_max_in_flight": 1}})
+                                     "backfill_requests_per_second": BACKFILL_BUDGET, "backfill_max_in_flight": 1,
+                                     # all lanes together (the first cycles' first_load lane included:
+                                     # left out, the store's total would be its 10/s)
+                                     "store_requests_per_second": BUDGET, "store_max_in_flight": 3}})
         stack = AirflowStack(tmp_path / "airflow", meta.replace("postgresql://", "postgresql+psycopg://", 1),
                              port=free_port(), celery_workers=2,
                              extra_env={"CRM_DATABASE_URL": crm, "AIRFLOW_CONN_STORE_API": store_conn})
