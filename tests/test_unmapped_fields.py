@@ -64,6 +64,8 @@ def destination(name: str, path: str, value, extras: dict[str, object], record: 
     """Where a received leaf lands, or None."""
     fields = entity(name).field_map()
     for prefix in ancestors(path):
+        if pattern(prefix) in entity(name).derived:
+            return f"derived ({pattern(prefix)})"  # checked by test_derived_fields_are_what_the_crm_derives
         if fields.get(pattern(prefix)) == "column":
             return f"column ({pattern(prefix)})"
         if prefix in extras:
@@ -129,6 +131,45 @@ def test_every_received_field_lands_somewhere(crm):
     assert any("extra" in d for d in set().union(*where.values())), "fields the mapping leaves are kept"
     assert not nowhere, "received fields that land nowhere:\n" + "\n".join(
         f"  {name} {path} (records {', '.join(keys[:3])})" for (name, path), keys in sorted(nowhere.items()))
+
+
+def test_derived_fields_are_what_the_crm_derives(crm, store):
+    """A line's `derived` fields are not kept: each is what the CRM's own rows give (the line's total and
+    quantity; the product's name, image and GTIN as the CRM holds them), for every line received."""
+    exports, _ = store
+    with psycopg.connect(crm) as conn:
+        products = {pid: (parent, name, extra or {}) for pid, parent, name, extra in conn.execute(
+            "SELECT p.id, p.parent_id, p.name, x.fields FROM crm.product p "
+            "LEFT JOIN crm.product_extra_fields x ON x.product_id = p.id")}
+    with_product = 0
+    for export in ("orders", "refunds", "subscriptions"):
+        assert set(entity(EXPORTS[export]).derived) == {f"line_items[].{f}" for f in
+                                                        ("price", "image", "parent_name", "global_unique_id")}
+        for record in exports[export]:
+            for line in record["line_items"]:
+                quantity, total = line["quantity"], float(line["total"])
+                assert line["price"] == pytest.approx(total / quantity if quantity else 0), (export, line)
+                product = products.get(line["variation_id"] or line["product_id"])
+                if product is None or line["sku"] is None:
+                    # a product the store no longer has (its sku is null then): it derives nothing either
+                    assert (line["image"], line["global_unique_id"], line["parent_name"]) == (
+                        {"id": 0, "src": ""}, None, None), (export, line)
+                    continue
+                with_product += 1
+                parent, _, extra = product
+                image = extra.get("image") if parent else (extra.get("images") or [{"id": 0}])[0]
+                assert line["image"]["id"] == (image or {}).get("id", 0), (export, line, extra)
+                assert line["global_unique_id"] == extra.get("global_unique_id", ""), (export, line)
+                # the variation's parent product, as the CRM names it (text decoded; the store's is raw)
+                expected = products[parent][1] if line["variation_id"] else None
+                assert (line["parent_name"] and crm_text(line["parent_name"])) == expected, (export, line)
+    assert with_product > 20
+
+
+def crm_text(raw: str) -> str:
+    import html
+
+    return html.unescape(raw)
 
 
 def test_the_mapped_lists_name_what_the_transforms_read():

@@ -46,12 +46,14 @@ class Entity:
     stay_while_busy_seconds: float = 240  # a landing task keeps landing while the store keeps changing, up to this
     busy_quiet_seconds: float = 10  # ... and hands over to the trigger after this long without a change
     mapped: tuple = ()  # field patterns the transform maps ("billing.city", "line_items[].id")
+    derived: tuple = ()  # field patterns the store computes on read from data the CRM keeps: not kept again
     volatile: tuple = ()  # top-level fields that change on every read: stored, not part of the version hash
 
     def field_map(self) -> dict[str, str]:
-        """pattern -> 'column' (mapped, with all below it), 'object' or 'array' (on the way to a mapped field)."""
-        out: dict[str, str] = dict.fromkeys(self.mapped, "column")
-        for pattern in self.mapped:
+        """pattern -> 'column' (mapped or derived, with all below it: named, so not kept as an unmapped
+        field), 'object' or 'array' (on the way to a named field)."""
+        out: dict[str, str] = dict.fromkeys(self.mapped + self.derived, "column")
+        for pattern in self.mapped + self.derived:
             for cut in re.finditer(r"\.|\[\]", pattern):
                 if cut.start():
                     out.setdefault(pattern[:cut.start()], "object" if cut.group() == "." else "array")
@@ -93,8 +95,9 @@ def entities() -> dict[str, Entity]:
         for listed in ("statuses", "children", "volatile"):
             if listed in merged:
                 merged[listed] = tuple(merged[listed])
-        if "mapped" in merged:
-            merged["mapped"] = tuple(flatten_paths(merged["mapped"]))
+        for listed in ("mapped", "derived"):
+            if listed in merged:
+                merged[listed] = tuple(flatten_paths(merged[listed]))
         out[name] = Entity(name=name, **merged)
     return out
 
