@@ -218,3 +218,20 @@ def test_a_field_the_store_adds_tomorrow_is_kept_then_dropped_with_it(crm, store
     land(crm, "orders", [newer(order, 1, loyalty={"tier": "late"})])
     transform(crm)
     assert "loyalty" not in extras_of(crm, "orders")[order["id"]]
+
+
+def test_a_record_with_a_field_named_deleted_is_no_delete(crm, store):
+    """Only what landed as the store's delete answer is a delete: a newer version of an order whose
+    document has a top-level `deleted` field (a plugin's flag) is applied, not taken for a delete."""
+    exports, _ = store
+    order = copy.deepcopy(next(o for o in exports["orders"] if o["status"] == "processing"))
+    order["date_modified_gmt"] = (datetime.fromisoformat(order["date_modified_gmt"]) + timedelta(days=1)).isoformat()
+    order["deleted"] = False
+    order["customer_note"] = "flagged by a plugin"
+    land(crm, "orders", [order])
+    transform(crm)
+    with psycopg.connect(crm) as conn:
+        row = conn.execute("SELECT status, customer_note, deleted_at FROM crm.sales_order WHERE id = %s",
+                           (order["id"],)).fetchone()
+    assert row == ("processing", "flagged by a plugin", None)
+    assert extras_of(crm, "orders")[order["id"]]["deleted"] is False
