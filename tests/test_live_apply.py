@@ -43,9 +43,7 @@ def inbox_events(entity: str) -> int:
 
 def first_load(dagbag, dsn: str) -> None:
     assert dagbag.get_dag("store_watch_orders").test().state == "success"
-    assert unapplied(dsn) > 0, "a first load is crm_transform's"
-    assert dagbag.get_dag("crm_transform").test().state == "success"
-    assert unapplied(dsn) == 0
+    assert unapplied(dsn) == 0, "the watch task applies its first load itself"
     time.sleep(1.1)  # the first window's upper bound passes: nothing is pending
 
 
@@ -189,3 +187,44 @@ def test_a_landing_killed_after_the_orders_landed_still_reads_their_notes(crm_ds
                                             "entity = 'order_notes' AND split_part(source_key, ':', 1) = %s",
                                             (str(order_id),))}
     assert notes == {str(n["id"]) for n in client.get(f"orders/{order_id}/notes")}
+
+
+def test_the_first_run_applies_its_first_load_and_carries_on_as_live_sync(dagbag, wired, sandbox_factory, monkeypatch):
+    """A new shop: the watch DAG's first run lands the history, applies it to the CRM itself (no
+    crm_transform run, no inbox Asset), then stays and lands a change made after that, in the same run:
+    no hand-over to a new DAG run, which costs Airflow seconds while changes wait."""
+    sandbox = sandbox_factory(size="tiny", seed=24)
+    dsn = wired(sandbox)
+    overrides(monkeypatch, stay_while_busy_seconds=60, busy_quiet_seconds=6)
+    client = sandbox.client()
+    total = len(sandbox.export("orders"))
+    events = inbox_events("orders")
+    changed: list[int] = []
+
+    def change_once_loaded() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with psycopg.connect(dsn) as conn:
+                loaded = conn.execute("SELECT to_regclass('crm.sales_order') IS NOT NULL").fetchone()[0] and \
+                    conn.execute("SELECT count(*) FROM crm.sales_order").fetchone()[0]
+            if loaded == total:
+                time.sleep(1.5)
+                changed.append(change_status(client, "processing", "completed"))
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=change_once_loaded)
+    watcher.start()
+    run = dagbag.get_dag("store_watch_orders").test()
+    watcher.join()
+    assert run.state == "success" and changed, "the first load reached the CRM within the first run"
+    assert crm_order(dsn, changed[0])[0] == "completed", "the change after the first load, in the same run"
+    assert unapplied(dsn, "orders") == 0
+    with psycopg.connect(dsn) as conn:
+        modes = [r[0] for r in conn.execute("SELECT DISTINCT mode FROM sync.landing_run WHERE entity = 'orders' "
+                                            "AND run_id LIKE %s", (f"{run.run_id}%",))]
+        took = conn.execute("SELECT l.run_id FROM inbox.record r JOIN sync.landing_run l USING (run_id, entity) "
+                            "WHERE r.entity = 'orders' AND r.source_key = %s ORDER BY r.inbox_id DESC LIMIT 1",
+                            (str(changed[0]),)).fetchone()[0]
+    assert sorted(modes) == ["first_load", "live"] and took.startswith(f"{run.run_id}~")
+    assert inbox_events("orders") == events, "nothing left for crm_transform: the inbox Asset is not announced"

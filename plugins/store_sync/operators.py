@@ -11,7 +11,8 @@ One operator per watch DAG run:
 
 Waiting and landing sit in one task because each task hop costs Airflow 0.3-1 s
 (``shared/reference/airflow3-latency.md``) and freshness is the point of these DAGs. For the same
-reason a small live landing applies its CRM transform itself (``store_sync.crm.live_apply``), and
+reason a small live landing applies its CRM transform itself (``store_sync.crm.live_apply``), a first
+load (the first cycle of a new shop) applies its own (``tasks.apply_first_load``) and carries on, and
 while the store keeps changing the task keeps landing (``stay_while_busy_seconds``) instead of
 paying for a new DAG run per change; the inbox Asset is announced only when rows are left for the
 ``crm_transform`` DAG (a large batch, or a transform that held the lock too long).
@@ -101,6 +102,13 @@ class LandStoreChangesOperator(BaseOperator):
                                     dsn=dsn, tweaks=extra)
             landed += counts["landed"]
             self.log.info("%s: %s", self.entity, counts)
+            if counts.get("mode") == "first_load" and counts["work_left"]:
+                # A new shop's history: applied here, and the task goes on as live sync (no new DAG run)
+                from store_sync.tasks import apply_first_load
+
+                counts = {**counts, **apply_first_load(self.entity, dsn, extra)}
+                self.log.info("%s: first load applied to the CRM: %s", self.entity, counts)
+                started = time.monotonic()  # live sync's stay starts now
             if counts["landed"]:
                 from store_sync.triggers import note_change
 

@@ -45,6 +45,7 @@ class Entity:
     live_apply_lock_wait_seconds: float = 1.0  # how long it waits behind a running transform before leaving it
     stay_while_busy_seconds: float = 240  # a landing task keeps landing while the store keeps changing, up to this
     busy_quiet_seconds: float = 10  # ... and hands over to the trigger after this long without a change
+    first_load_wait_seconds: float = 120  # a watch task's first load waits this long for the entities before it
     mapped: tuple = ()  # field patterns the transform maps ("billing.city", "line_items[].id")
     derived: tuple = ()  # field patterns the store computes on read from data the CRM keeps: not kept again
     volatile: tuple = ()  # top-level fields that change on every read: stored, not part of the version hash

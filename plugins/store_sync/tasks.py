@@ -8,7 +8,8 @@ from store_sync.crm.database import crm_dsn as _crm_dsn
 # What the Variable store_sync_overrides may change per entity at run time ("*" applies to all).
 TUNABLE = ("poll_seconds", "max_quiet_seconds", "per_page", "overlap_seconds", "settle_seconds", "scan_every_minutes",
            "quiet_after_seconds", "quiet_poll_seconds", "scan_share", "scan_pages_per_cycle",
-           "live_apply_max_rows", "live_apply_lock_wait_seconds", "stay_while_busy_seconds", "busy_quiet_seconds")
+           "live_apply_max_rows", "live_apply_lock_wait_seconds", "stay_while_busy_seconds", "busy_quiet_seconds",
+           "first_load_wait_seconds")
 
 
 def overrides(entity: str) -> dict:
@@ -113,6 +114,54 @@ def land_and_apply(entity_name: str, run_id: str, store_conn_id: str = "store_ap
     apply_landed()  # children, customers, what the last page brought
     return {**counts, "crm_applied": applied["applied"], "crm_quarantined": applied["quarantined"],
             "crm_left_because": applied["stopped"], "work_left": live_apply.work_left(dsn, names)}
+
+
+# Entities (of those given) being first-loaded now, or with first-loaded rows that wait for a transform.
+FIRST_LOAD_UNDER_WAY = """
+SELECT e FROM unnest(%s::text[]) e
+WHERE EXISTS (SELECT 1 FROM sync.landing_run l WHERE l.entity = e AND l.mode = 'first_load' AND l.status = 'running')
+   OR EXISTS (SELECT 1 FROM inbox.record r JOIN sync.landing_run l ON l.run_id = r.run_id AND l.entity = r.entity
+              WHERE r.entity = e AND r.applied_at IS NULL AND l.mode = 'first_load'
+                AND NOT EXISTS (SELECT 1 FROM sync.transform_quarantine q
+                                WHERE q.inbox_id = r.inbox_id AND q.resolved_at IS NULL))"""
+
+
+def apply_first_load(entity_name: str, dsn: str, tweaks: dict | None = None) -> dict:
+    """After a watch task's first load of ``entity_name``: apply what it landed to the CRM in this task, so
+    the task carries on as live sync instead of ending for ``crm_transform`` (a new DAG run costs Airflow
+    2-10 s on 2 cores, and every change made meanwhile waits for it).
+
+    As in a first load of every entity (``first_load.Loader``), the entities an earlier transform step
+    reads come first: while one of them is being first-loaded, or has first-loaded rows not yet applied,
+    it waits (a customer before its orders, so no order queues a fetch for a customer about to land), at
+    most ``first_load_wait_seconds``; then it applies its own rows whatever the others do (what an order
+    lacks is fetched on demand, as in live sync). An entity whose first load has not started (its DAG
+    paused, a test running one DAG) is not waited for."""
+    import time
+
+    import psycopg
+
+    from store_sync.crm import live_apply
+    from store_sync.crm.transform import steps, transform
+    from store_sync.registry import entities
+
+    spec = entities()[entity_name]
+    names = [entity_name, *(c["entity"] for c in spec.children if c["entity"] != entity_name)]
+    own = min(file for file, step_names in steps() if set(step_names) & set(names))
+    before = [n for file, step_names in steps() if file < own for n in step_names]
+    deadline = time.monotonic() + setting(entity_name, "first_load_wait_seconds", tweaks)
+    while True:
+        with psycopg.connect(dsn) as conn:
+            waiting = [r[0] for r in conn.execute(FIRST_LOAD_UNDER_WAY, (before,))]
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(1)
+    started = time.monotonic()
+    steps_run = transform(dsn, names=names)
+    return {"crm_applied": sum(s["inbox_rows"] for s in steps_run),
+            "crm_quarantined": sum(s["quarantined"] for s in steps_run),
+            "first_load_applied_in": round(time.monotonic() - started, 2),
+            "first_load_did_not_wait_for": sorted(waiting), "work_left": live_apply.work_left(dsn, names)}
 
 
 def reconcile_entity(entity_name: str, run_id: str, store_conn_id: str = "store_api") -> dict:
