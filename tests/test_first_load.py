@@ -139,3 +139,26 @@ def test_a_first_load_killed_half_way_then_rerun_loses_and_doubles_nothing(small
     assert_inbox_matches_truth(dsn, Truth(sandbox, proxy.url), "orders")
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM inbox.record WHERE entity='orders'").fetchone()[0] == total
+
+
+def test_a_watch_task_applies_its_first_load_after_the_entities_being_loaded_before_it(crm_dsn):
+    """Orders wait for customers while the customers' first load is under way (a landing run still
+    running), at most first_load_wait_seconds; an entity whose first load never started is not waited for."""
+    from store_sync.crm.migrations import migrate
+    from store_sync.tasks import apply_first_load
+
+    migrate(crm_dsn)
+    wait = {"first_load_wait_seconds": 3}  # the Variable store_sync_overrides, as the task reads it
+    started = time.monotonic()
+    result = apply_first_load("orders", crm_dsn, wait)
+    assert time.monotonic() - started < 2 and result["first_load_did_not_wait_for"] == []
+    with psycopg.connect(crm_dsn) as conn:
+        conn.execute("INSERT INTO sync.landing_run (run_id, entity, mode) VALUES ('first:2026', 'customers', 'first_load')")
+    started = time.monotonic()
+    result = apply_first_load("orders", crm_dsn, wait)
+    assert time.monotonic() - started >= 3 and result["first_load_did_not_wait_for"] == ["customers"]
+    with psycopg.connect(crm_dsn) as conn:
+        conn.execute("UPDATE sync.landing_run SET status = 'success', finished_at = now() WHERE entity = 'customers'")
+    started = time.monotonic()
+    assert apply_first_load("orders", crm_dsn, wait)["first_load_did_not_wait_for"] == []
+    assert time.monotonic() - started < 2
