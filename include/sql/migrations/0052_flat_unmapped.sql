@@ -1,9 +1,20 @@
 -- A batch's unmapped fields, set-based: one flat query per node of the field map over the whole batch
 -- (pg_temp.b), gathered by record with one GROUP BY, instead of a correlated subquery per record. The
 -- subquery (a UNION ALL of a dozen branches, each expanding its arrays) was started again for every
--- record, and that restart, not the jsonb work, was most of its cost: measured on 20k orders, 3.5 s ->
--- 1.5 s, nearly half of the orders transform. The rule and the result are 0009's, unchanged (the same
+-- record, and that restart, not the jsonb work, was most of its cost: measured on 20k orders, 3.2-3.5 s
+-- -> 1.6-2.4 s, of a batch of 6-7 s. The rule and the result are 0009's, unchanged (the same
 -- {path: value} object per record; checked equal on 20k orders).
+
+-- What the mapping names in an object at p_pattern: its column fields (taken off with jsonb `-`), and
+-- the SQL of the kind each walked field must be (`CASE x.key WHEN 'billing' THEN 'object' ... END`; a
+-- walked field of another kind is kept whole), NULL when none is walked.
+CREATE OR REPLACE FUNCTION sync.field_map_names(p_entity text, p_pattern text, OUT cols text[], OUT walked text)
+LANGUAGE sql STABLE AS $$
+    SELECT COALESCE(array_agg(c.key) FILTER (WHERE c.what = 'column'), '{}'),
+           'CASE x.key ' || string_agg(format('WHEN %L THEN %L', c.key, c.what), ' ')
+               FILTER (WHERE c.what IN ('object', 'array')) || ' END'
+    FROM sync.field_map_children(p_entity, p_pattern) c
+$$;
 
 -- The branches below one node: SELECT b.inbox_id, <path>, <value> FROM <p_from> ..., one per object
 -- reached (its fields the mapping does not name) and per array (elements that are not what the mapping
@@ -25,11 +36,8 @@ DECLARE
     reach text;
 BEGIN
     IF p_kind = 'object' THEN
-        SELECT COALESCE(array_agg(c.key) FILTER (WHERE c.what = 'column'), '{}'),
-               'CASE x.key ' || string_agg(format('WHEN %L THEN %L', c.key, c.what), ' ')
-                   FILTER (WHERE c.what IN ('object', 'array')) || ' END'
-        INTO cols, walked FROM sync.field_map_children(p_entity, p_pattern) c;
         IF p_own THEN  -- (the root's own fields: sync.unmapped_root_sql; an element's: with its array below)
+            SELECT * INTO cols, walked FROM sync.field_map_names(p_entity, p_pattern);
             -- a field the mapping walks into is kept whole when it is not the object or array expected
             parts := parts || format(
                 'SELECT b.inbox_id, %s || ''.'' || x.key, x.value FROM %s, jsonb_each(CASE WHEN jsonb_typeof(%s) = '
@@ -55,10 +63,7 @@ BEGIN
         ELSIF elem_kind = 'object' THEN
             -- One branch for the elements and their own fields (each array expanded once for both): an
             -- element that is not an object is kept whole, as the one field of a stand-in object.
-            SELECT COALESCE(array_agg(c.key) FILTER (WHERE c.what = 'column'), '{}'),
-                   'CASE x.key ' || string_agg(format('WHEN %L THEN %L', c.key, c.what), ' ')
-                       FILTER (WHERE c.what IN ('object', 'array')) || ' END'
-            INTO cols, walked FROM sync.field_map_children(p_entity, p_pattern || '[]') c;
+            SELECT * INTO cols, walked FROM sync.field_map_names(p_entity, p_pattern || '[]');
             parts := parts || format(
                 'SELECT b.inbox_id, CASE WHEN jsonb_typeof(%2$s.v) = ''object'' THEN %1$s || ''.'' || x.key ELSE %1$s END, '
                 'x.value FROM %3$s, jsonb_each(CASE WHEN jsonb_typeof(%2$s.v) = ''object'' THEN NULLIF(%2$s.v - %4$L::text[], '
@@ -77,7 +82,7 @@ BEGIN
     RETURN parts;
 END $$;
 
--- The root's fields the mapping does not name, taken off the record at once (as in 0050's unmapped_sql).
+-- The root's fields the mapping does not name, taken off the record at once (as 0050's unmapped_sql did).
 CREATE OR REPLACE FUNCTION sync.unmapped_root_sql(p_entity text, p_value text) RETURNS text
 LANGUAGE sql STABLE AS $$
     SELECT format('(%s - (%L::text[] || array_remove(ARRAY[%s]::text[], NULL)))', p_value,
@@ -115,3 +120,7 @@ BEGIN
                    sync.unmapped_root_sql(p_entity, 'b.payload'),
                    CASE WHEN cardinality(branches) > 0 THEN ' || COALESCE(g.fields, ''{}'')' ELSE '' END);
 END $$;
+
+-- 0050's per-record query writers, which nothing calls any more.
+DROP FUNCTION IF EXISTS sync.unmapped_sql(text, text);
+DROP FUNCTION IF EXISTS sync.unmapped_below(text, text, text, text, text, int);
