@@ -50,6 +50,10 @@ class Entity:
     derived: tuple = ()  # field patterns the store computes on read from data the CRM keeps: not kept again
     volatile: tuple = ()  # top-level fields that change on every read: stored, not part of the version hash
 
+    def with_children(self) -> list[str]:
+        """This entity and those its landing writes with it (``children``: order notes with orders)."""
+        return [self.name, *(c["entity"] for c in self.children if c["entity"] != self.name)]
+
     def field_map(self) -> dict[str, str]:
         """pattern -> 'column' (mapped or derived, with all below it: named, so not kept as an unmapped
         field), 'object' or 'array' (on the way to a named field)."""

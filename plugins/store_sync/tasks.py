@@ -85,14 +85,13 @@ def land_and_apply(entity_name: str, run_id: str, store_conn_id: str = "store_ap
     from store_sync.inbound.landing import get_watermark
     from store_sync.registry import entity
 
-    spec = entity(entity_name)
-    names = [entity_name, *(c["entity"] for c in spec.children if c["entity"] != entity_name)]
+    names = entity(entity_name).with_children()
     tweaks = overrides(entity_name) if tweaks is None else tweaks
     max_rows = int(setting(entity_name, "live_apply_max_rows", tweaks))
     wait = setting(entity_name, "live_apply_lock_wait_seconds", tweaks)
     dsn = dsn or ready_crm()
     with psycopg.connect(dsn) as conn:
-        live = get_watermark(conn, entity_name)[0] is not None  # a first load is crm_transform's
+        live = get_watermark(conn, entity_name)[0] is not None  # a first load is applied whole, after it
     after = live_apply.inbox_position(dsn)
     applied = {"applied": 0, "quarantined": 0, "stopped": None if live and max_rows > 0 else "a first load, or live_apply_max_rows is 0"}
     seen: set[int] = set()
@@ -143,10 +142,9 @@ def apply_first_load(entity_name: str, dsn: str, tweaks: dict | None = None) -> 
 
     from store_sync.crm import live_apply
     from store_sync.crm.transform import steps, transform
-    from store_sync.registry import entities
+    from store_sync.registry import entity
 
-    spec = entities()[entity_name]
-    names = [entity_name, *(c["entity"] for c in spec.children if c["entity"] != entity_name)]
+    names = entity(entity_name).with_children()
     own = min(file for file, step_names in steps() if set(step_names) & set(names))
     before = [n for file, step_names in steps() if file < own for n in step_names]
     deadline = time.monotonic() + setting(entity_name, "first_load_wait_seconds", tweaks)
