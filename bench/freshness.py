@@ -209,8 +209,8 @@ def report(samples: list[Sample], tracked: list[str], seconds: float, stats: dic
     crm = [s.crm for s in samples if s.crm is not None]
     verdict = "met" if crm and len(crm) == len(samples) and pct(crm, .95) <= 3 else "NOT met"
     print(f"target: change -> CRM p95 <= 3 s for every change: {verdict}")
-    # The first seconds follow the first load's hand-over to live sync (its DAG runs end, new ones are
-    # scheduled, crm_transform applies the load): shown apart, never instead of the figures above.
+    # The first seconds follow the first load: live sync catches up with what changed while it ran
+    # (every order changed meanwhile, and a note request each): shown apart, never instead of the above.
     warm = 15.0
     later = [s.crm for s in samples if s.crm is not None and s.at >= warm]
     early = [s.crm for s in samples if s.crm is not None and s.at < warm]

@@ -4,6 +4,7 @@ model (the registry's ``mapped`` list) or in its entity's extra table, never now
 from __future__ import annotations
 
 import copy
+import html
 import re
 from collections import defaultdict
 from datetime import datetime, timedelta
@@ -162,14 +163,8 @@ def test_derived_fields_are_what_the_crm_derives(crm, store):
                 assert line["global_unique_id"] == extra.get("global_unique_id", ""), (export, line)
                 # the variation's parent product, as the CRM names it (text decoded; the store's is raw)
                 expected = products[parent][1] if line["variation_id"] else None
-                assert (line["parent_name"] and crm_text(line["parent_name"])) == expected, (export, line)
+                assert (line["parent_name"] and html.unescape(line["parent_name"])) == expected, (export, line)
     assert with_product > 20
-
-
-def crm_text(raw: str) -> str:
-    import html
-
-    return html.unescape(raw)
 
 
 def test_the_mapped_lists_name_what_the_transforms_read():

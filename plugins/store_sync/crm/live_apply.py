@@ -12,7 +12,8 @@ newest-wins) for exactly those rows, step by step in the steps' dependency order
 * Never an older version over a newer one: both paths go through the same batch SQL, which drops a
   version older than the CRM's (``sync.prepare_batch``) whichever path runs first.
 * Larger batches (a bulk edit, a catch-up) and whatever the landing could not apply are left to
-  ``crm_transform`` (a watch task applies its first load itself: ``tasks.apply_first_load``); ``work_left`` tells the task whether to announce the inbox Asset.
+  ``crm_transform`` (a watch task applies its first load itself: ``tasks.apply_first_load``);
+  ``work_left`` tells the task whether to announce the inbox Asset.
 """
 
 from __future__ import annotations

@@ -116,7 +116,6 @@ class RequestBudget(LatencyWatch):
             self.rate = min(self.max_rate, self.rate + self.max_rate * 0.05)
 
 
-
 _BUDGETS: dict[str, RequestBudget] = {}
 _BUDGETS_LOCK = threading.Lock()
 
