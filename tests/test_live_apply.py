@@ -228,3 +228,96 @@ def test_the_first_run_applies_its_first_load_and_carries_on_as_live_sync(dagbag
                             (str(changed[0]),)).fetchone()[0]
     assert sorted(modes) == ["first_load", "live"] and took.startswith(f"{run.run_id}~")
     assert inbox_events("orders") == events, "nothing left for crm_transform: the inbox Asset is not announced"
+
+
+def notes_in_inbox(dsn: str, order_ids) -> dict[str, set[str]]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT split_part(source_key, ':', 1), split_part(source_key, ':', 2) FROM inbox.latest "
+                            "WHERE entity = 'order_notes' AND NOT is_delete AND split_part(source_key, ':', 1) = ANY(%s)",
+                            ([str(i) for i in order_ids],)).fetchall()
+    out: dict[str, set[str]] = {}
+    for order_id, note_id in rows:
+        out.setdefault(order_id, set()).add(note_id)
+    return out
+
+
+def change_orders(client, count: int, skip: int = 0) -> list[int]:
+    """Change the status of ``count`` orders, after the first ``skip`` by id (the store adds a note to each)."""
+    changed = []
+    for order in client.get("orders", {"per_page": skip + count, "orderby": "id", "order": "asc"})[skip:]:
+        client.put(f"orders/{order['id']}", {"status": "on-hold" if order["status"] != "on-hold" else "processing"})
+        changed.append(order["id"])
+    assert len(changed) == count
+    return changed
+
+
+def test_a_backlog_of_notes_is_read_over_the_next_cycles_and_none_is_lost(crm_dsn, sandbox_factory):
+    """Catching up with many changed orders (one note request each) must not hold the next changes back:
+    a cycle lands every changed order but reads the notes of at most children_per_cycle of them; the
+    others are due (kept in the watermark, so a killed task loses none) and the next cycles read them."""
+    import dataclasses
+
+    from store_sync.crm.migrations import migrate
+    from store_sync.inbound.detect import sync_entity
+    from store_sync.inbound.landing import get_watermark
+    from store_sync.registry import entity
+
+    migrate(crm_dsn)
+    sandbox = sandbox_factory(size="tiny", seed=27)
+    client, orders = sandbox.client(), dataclasses.replace(entity("orders"), children_per_cycle=2)
+    sync_entity(crm_dsn, client, orders, "first-load")
+    time.sleep(1.1)
+    changed = change_orders(client, 5)
+    time.sleep(1.1)
+    truth = {str(i): {str(n["id"]) for n in client.get(f"orders/{i}/notes")} for i in changed}
+    assert all(truth.values()), "every changed order has a note"
+
+    counts = sync_entity(crm_dsn, client, orders, "cycle-1")
+    with psycopg.connect(crm_dsn) as conn:
+        landed = {r[0] for r in conn.execute("SELECT source_key FROM inbox.record WHERE run_id = 'cycle-1' AND "
+                                             "entity = 'orders'")}
+        due = set(get_watermark(conn, "orders")[1].get("children_due") or ())
+    assert landed == set(truth), "every changed order lands in the cycle, whatever its notes wait for"
+    assert len(notes_in_inbox(crm_dsn, changed)) == 2 and counts["children_due"] == 3 and len(due) == 3
+    assert due.isdisjoint(notes_in_inbox(crm_dsn, changed)), "due: exactly the orders whose notes were not read"
+
+    # A new change meanwhile: its order lands at once; a cap's half goes to the parents due before.
+    [newer] = change_orders(client, 1, skip=5)
+    time.sleep(1.1)
+    truth[str(newer)] = {str(n["id"]) for n in client.get(f"orders/{newer}/notes")}
+    counts = sync_entity(crm_dsn, client, orders, "cycle-2")
+    assert counts["landed"] >= 1 + 2, "the new order and the notes of two orders"
+    cycles = 2
+    while counts["children_due"]:
+        cycles += 1
+        assert cycles < 10, "the backlog drains"
+        counts = sync_entity(crm_dsn, client, orders, f"cycle-{cycles}")
+    assert notes_in_inbox(crm_dsn, truth) == truth, "every changed order's notes, none lost"
+    with psycopg.connect(crm_dsn) as conn:
+        assert not get_watermark(conn, "orders")[1].get("children_due")
+
+
+def test_the_watch_task_stays_until_the_notes_it_left_are_read(dagbag, wired, sandbox_factory, monkeypatch):
+    """Through Airflow: one watch run lands the changed orders, then keeps cycling while their notes are
+    due, and its trigger says so when a run ended with notes still due."""
+    sandbox = sandbox_factory(size="tiny", seed=28)
+    dsn = wired(sandbox)
+    overrides(monkeypatch, stay_while_busy_seconds=60, busy_quiet_seconds=1, children_per_cycle=2)
+    first_load(dagbag, dsn)
+    client = sandbox.client()
+    changed = change_orders(client, 5)
+    time.sleep(1.1)
+    truth = {str(i): {str(n["id"]) for n in client.get(f"orders/{i}/notes")} for i in changed}
+    assert dagbag.get_dag("store_watch_orders").test().state == "success"
+    assert notes_in_inbox(dsn, changed) == truth
+    assert unapplied(dsn, "order_notes") == 0, "and applied to the CRM in the same task"
+    with psycopg.connect(dsn) as conn:
+        cycles = conn.execute("SELECT count(*) FROM sync.landing_run WHERE entity = 'orders' AND mode = 'live' "
+                              "AND landed > 0").fetchone()[0]
+    assert cycles >= 3, "five orders' notes at two per cycle"
+
+    from store_sync.registry import entity
+    from store_sync.triggers import StoreChangeTrigger
+
+    trigger = StoreChangeTrigger(entity="orders", cursor="2026-01-01T00:00:00", state={"children_due": 3})
+    assert "children of 3" in trigger.check(None, entity("orders"), 0), "fires without asking the store"

@@ -65,6 +65,7 @@ class LandStoreChangesOperator(BaseOperator):
             quiet_poll_seconds=float(extra.get("quiet_poll_seconds", spec.quiet_poll_seconds)),
             state={**{k: state.get(k) for k in ("max_id", "orders_inbox_id", "webhook_event_id", "last_scan",
                                                 "scan_next_at", "last_change_at")},
+                   "children_due": len(state.get("children_due") or ()),
                    "scan_every_minutes": float(extra.get("scan_every_minutes", spec.scan_every_minutes))})
 
     def execute(self, context) -> Any:
@@ -115,8 +116,10 @@ class LandStoreChangesOperator(BaseOperator):
                 note_change(self.entity, run_id)  # every waiting trigger polls fast again
             if counts["work_left"] or time.monotonic() - started >= stay:
                 break
-            if counts["landed"]:  # changes are flowing: the next cycle is the check (a window that lands nothing)
-                reason = "still busy: the last cycle landed changes"
+            if counts["landed"] or counts.get("children_due"):
+                # changes are flowing (or notes wait for the next cycles): the next cycle is the check
+                reason = "still busy: the last cycle landed changes" if counts["landed"] else \
+                    f"still busy: the children of {counts['children_due']} changed records to read"
                 self._next_second(cycle_started)
             else:
                 reason = self._busy(started + stay, cycle_started, extra)

@@ -46,6 +46,7 @@ class Entity:
     stay_while_busy_seconds: float = 240  # a landing task keeps landing while the store keeps changing, up to this
     busy_quiet_seconds: float = 10  # ... and hands over to the trigger after this long without a change
     first_load_wait_seconds: float = 120  # a watch task's first load waits this long for the entities before it
+    children_per_cycle: int = 10  # a live cycle reads the children (notes) of at most this many parents
     mapped: tuple = ()  # field patterns the transform maps ("billing.city", "line_items[].id")
     derived: tuple = ()  # field patterns the store computes on read from data the CRM keeps: not kept again
     volatile: tuple = ()  # top-level fields that change on every read: stored, not part of the version hash

@@ -9,7 +9,7 @@ from store_sync.crm.database import crm_dsn as _crm_dsn
 TUNABLE = ("poll_seconds", "max_quiet_seconds", "per_page", "overlap_seconds", "settle_seconds", "scan_every_minutes",
            "quiet_after_seconds", "quiet_poll_seconds", "scan_share", "scan_pages_per_cycle",
            "live_apply_max_rows", "live_apply_lock_wait_seconds", "stay_while_busy_seconds", "busy_quiet_seconds",
-           "first_load_wait_seconds")
+           "first_load_wait_seconds", "children_per_cycle")
 
 
 def overrides(entity: str) -> dict:
@@ -51,7 +51,7 @@ def land_entity(entity_name: str, run_id: str, mode: str = "live", store_conn_id
     spec = entity(entity_name)
     tweaks = {k: v for k, v in (overrides(entity_name) if tweaks is None else tweaks).items()
               if k in ("per_page", "overlap_seconds", "settle_seconds", "scan_every_minutes", "scan_share",
-                       "scan_pages_per_cycle")}
+                       "scan_pages_per_cycle", "children_per_cycle")}
     if tweaks:
         spec = dataclasses.replace(spec, **tweaks)
     dsn = dsn or ready_crm()

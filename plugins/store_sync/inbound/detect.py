@@ -111,7 +111,9 @@ def sync_entity(dsn: str, client: StoreClient, entity: Entity, run_id: str, *, m
     except Exception as exc:
         run.finish("failed", client.stats.retries - retries_before, f"{type(exc).__name__}: {exc}"[:2000])
         raise
-    return run.finish("success", client.stats.retries - retries_before, window_to=window_to)
+    # children_due: parents whose children (order notes) wait for the next cycles' room
+    return {**run.finish("success", client.stats.retries - retries_before, window_to=window_to),
+            "children_due": run.children_due}
 
 
 # -- modified_window ---------------------------------------------------------------------------------
@@ -140,6 +142,13 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
     else:
         lo = since
     statuses = list(entity.statuses)
+    live_cycle = live and cursor is not None
+    # A live cycle reads the children (order notes: one request per order) of at most children_per_cycle
+    # parents; the others wait in children_due for the next cycles, so a backlog (every order changed while
+    # a first load ran) never holds fresh changes back. Up to half of it goes to parents due before.
+    cap = int(entity.children_per_cycle) if live_cycle and entity.children else None
+    room = cap - min(len(due), cap // 2) if cap is not None else None
+    read: set = set()  # parents whose children this cycle read
     # autocommit: each page's `transaction()` must commit on its own, whatever ran between them.
     with psycopg.connect(dsn, autocommit=True) as conn:
         for index in range(start_status, len(statuses)):
@@ -151,18 +160,23 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
                 # Children only for parents that changed, not for those the overlap re-reads.
                 fresh = page
                 # (live-only children, order notes, are not read on first loads and backfills: no need to look)
-                if any(live and cursor is not None or not c.get("live_only") for c in entity.children):
+                if any(live_cycle or not c.get("live_only") for c in entity.children):
                     known = already_landed(conn, entity, page) - due
                     fresh = [r for r in page if key_of(r, entity) is not None and key_of(r, entity) not in known]
+                later: set = set()
+                if room is not None:
+                    wanting = [r for r in fresh if wants_children(entity, r, live_cycle)]
+                    fresh, later = wanting[:room], {key_of(r, entity) for r in wanting[room:]}
+                    room -= len(fresh)
+                fresh_keys = {key_of(r, entity) for r in fresh}
                 # The page first, its children after (one request per parent): the parents reach the CRM sooner.
                 first = bool(entity.children and on_landed)
                 if first:
-                    due |= {key_of(r, entity) for r in fresh}
+                    due |= fresh_keys | later
                     with conn.transaction():
                         run.add(land_page(conn, entity, page, run.run_id))
                         set_watermark(conn, mark, None, run.run_id, {due_key: sorted(due)})
-                children_of = functools.partial(fetch_children, client, entity, fresh, live_cycle=live and cursor is not None,
-                                                conn=conn)
+                children_of = functools.partial(fetch_children, client, entity, fresh, live_cycle=live_cycle, conn=conn)
                 if first:  # the children's reads overlap the parents' transform (the CRM on its own connections)
                     with ThreadPoolExecutor(1, thread_name_prefix="children") as reader:
                         reading = reader.submit(children_of)
@@ -173,20 +187,58 @@ def modified_window(dsn: str, client: StoreClient, entity: Entity, run: RunRecor
                 with conn.transaction():
                     if not first:
                         run.add(land_page(conn, entity, page, run.run_id))
-                    for child, prefix, records, gone in children:
-                        run.add(land_page(conn, child, records, run.run_id, key_prefix=prefix))
-                        if gone:
-                            run.add(land_deletes(conn, child, gone, run.run_id, key_prefix=prefix))
+                    land_children(conn, run, children)
                     done = final and last_status
                     new_progress = None if done else {"t0": fmt(t0), "status_index": index + (1 if final else 0),
                                                       "lo": fmt(next_lo) if (next_lo and not final) else None}
-                    # Parents still due when the window is done were modified again: the next window reads them.
-                    due = set() if done else due - {key_of(r, entity) for r in fresh}
+                    # Without a cap, parents still due when the window is done were modified again: the next
+                    # window reads them. With one, they wait for the next cycles' room.
+                    due = set() if (done and cap is None) else (due | later) - fresh_keys
                     set_watermark(conn, mark, t0 if (done and live) else None, run.run_id,
                                   {state_key: new_progress, **({due_key: sorted(due) or None} if first or due else {})})
+                read |= fresh_keys
                 if on_landed and not first:
                     on_landed()
+        if cap is not None and due - read:
+            due = read_due_children(conn, client, entity, run, due, read, cap - len(read), mark, due_key)
+    run.children_due = len(due)
     return t0
+
+
+def wants_children(entity: Entity, record: dict, live_cycle: bool) -> bool:
+    """Whether a live or backfill read of ``record`` reads children under it (notes, variations)."""
+    return (isinstance(record, dict) and key_of(record, entity) is not None and record.get("status") != "trash"
+            and any((live_cycle or not spec.get("live_only"))
+                    and all(record.get(k) == v for k, v in (spec.get("when") or {}).items())
+                    for spec in entity.children))
+
+
+def land_children(conn: psycopg.Connection, run: RunRecord, children: list[tuple]) -> None:
+    for child, prefix, records, gone in children:
+        run.add(land_page(conn, child, records, run.run_id, key_prefix=prefix))
+        if gone:
+            run.add(land_deletes(conn, child, gone, run.run_id, key_prefix=prefix))
+
+
+def read_due_children(conn: psycopg.Connection, client: StoreClient, entity: Entity, run: RunRecord, due: set,
+                      read: set, room: int, mark: str, due_key: str) -> set:
+    """The children of parents due from earlier cycles (landed, children not read yet), at most ``room``
+    parents, lowest keys first, as their landed version says; returns the parents still due."""
+    backlog = sorted(due - read, key=lambda k: (len(k), k))[:max(room, 0)]
+    if not backlog:
+        return due
+    rows = conn.execute(
+        "SELECT r.payload FROM inbox.latest l JOIN inbox.record r ON r.inbox_id = l.inbox_id "
+        "WHERE l.entity = %s AND NOT l.is_delete AND l.source_key = ANY(%s)", (entity.name, backlog)).fetchall()
+    # A parent gone from the inbox since (deleted) has no children left to read.
+    children = fetch_children(client, entity, [r[0] for r in rows], live_cycle=True, conn=conn)
+    with conn.transaction():
+        land_children(conn, run, children)
+        due = due - set(backlog)
+        set_watermark(conn, mark, None, run.run_id, {due_key: sorted(due) or None})
+    log.info("%s: read the children of %d parents due from earlier cycles; %d still due", entity.name,
+             len(backlog), len(due))
+    return due
 
 
 def prefetched(pages: Iterator, depth: int = 1) -> Iterator:
@@ -247,8 +299,13 @@ def fetch_children(client: StoreClient, entity: Entity, page: list[dict], live_c
         landed = landed_children(conn, child, entity, [str(p[entity.key]) for p in parents])
         for parent in parents:
             endpoint = spec["endpoint"].format(id=parent[entity.key])
-            records = (list(client.iter_records(endpoint, {}, entity.per_page)) if spec.get("paged")
-                       else client.get(endpoint))
+            try:
+                records = (list(client.iter_records(endpoint, {}, entity.per_page)) if spec.get("paged")
+                           else client.get(endpoint))
+            except StoreNotFound:  # the parent is gone since it was listed: its delete is landed on its own
+                log.warning("%s %s: gone from the store before its %s were read", entity.name, parent[entity.key],
+                            child.name)
+                continue
             prefix = "" if child.name == entity.name else f"{parent[entity.key]}:"
             before = landed.get(str(parent[entity.key]), set())
             listed = {str(r.get(child.key)) for r in records if isinstance(r, dict)}

@@ -252,6 +252,7 @@ class RunRecord:
         self.dsn, self.run_id, self.entity, self.mode = dsn, run_id, entity, mode
         self.totals = PageResult()
         self.pages = 0
+        self.children_due = 0  # parents left with children to read by the next cycles (modified_window)
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(
                 "INSERT INTO sync.landing_run (run_id, entity, mode, window_from, window_to) VALUES (%s,%s,%s,%s,%s) "
