@@ -106,7 +106,7 @@ def main() -> int:
                 raise RuntimeError("the initial load did not finish in 10 minutes")
             time.sleep(2)
         start = time.time()
-        print(f"initial load done (in the CRM too) in {start - t0:.0f}s; measuring {args.changes} changes at {args.rate}/s…", flush=True)
+        print(f"initial load done (in the CRM too) in {start - t0:.0f}s (at {start:.1f}); measuring {args.changes} changes at {args.rate}/s…", flush=True)
         changes: list[dict] = []
         while len(changes) < args.changes:
             time.sleep(2)
@@ -139,10 +139,13 @@ def main() -> int:
         if stack is not None:
             stack.stop()
         sandbox.stop()
-        with psycopg.connect(pg.admin_dsn(), autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {crm_db} WITH (FORCE)")
-            conn.execute(f"DROP DATABASE IF EXISTS {meta_db} WITH (FORCE)")
-        if own_pg:
+        if os.environ.get("KEEP_BENCH_FILES") is None:
+            with psycopg.connect(pg.admin_dsn(), autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {crm_db} WITH (FORCE)")
+                conn.execute(f"DROP DATABASE IF EXISTS {meta_db} WITH (FORCE)")
+        else:
+            print(f"kept (KEEP_BENCH_FILES): {tmp}, databases {crm_db} and {meta_db} of {pg.admin_dsn()}")
+        if own_pg and os.environ.get("KEEP_BENCH_FILES") is None:
             pg.stop()
         if os.environ.get("KEEP_BENCH_FILES") is None:
             import shutil

@@ -175,3 +175,26 @@ def test_rereading_products_lands_no_new_version_though_related_ids_are_shuffled
 def product_versions(dsn: str) -> int:
     with psycopg.connect(dsn) as conn:
         return conn.execute("SELECT count(*) FROM inbox.record WHERE entity = 'products'").fetchone()[0]
+
+
+def test_the_delete_reconciliation_waits_for_the_first_load(crm, wired, sandbox_factory):
+    """Before an entity's first load has finished there is nothing landed to compare: the hourly
+    reconciliation (which lists every id) skips it instead of taking requests from the first load; after
+    it, a delete for good is found (in the reconcile lane of the store's budget)."""
+    from store_sync.tasks import reconcile_entity
+
+    sandbox = sandbox_factory(size="tiny", seed=9)
+    wired(sandbox)
+    skipped = reconcile_entity("orders", "too-early")
+    with psycopg.connect(crm) as conn:
+        runs = conn.execute("SELECT count(*) FROM sync.landing_run WHERE run_id = 'too-early'").fetchone()[0]
+    assert skipped["status"] == "skipped" and "first load" in skipped["reason"] and runs == 0
+    client = sandbox.client()
+    sync_entity(crm, client, entity("orders"), "first")
+    doomed = client.get("orders", {"per_page": 1})[0]["id"]
+    client.request("DELETE", f"orders/{doomed}", {"force": "true"})
+    assert reconcile_entity("orders", "after")["status"] == "success"
+    assert latest(crm, "orders")[str(doomed)][1] is True, "the delete for good, found"
+    with psycopg.connect(crm) as conn:
+        lanes = {r[0] for r in conn.execute("SELECT lane FROM sync.store_budget")}
+    assert "reconcile" in lanes, "its requests spent the reconcile lane"

@@ -163,12 +163,23 @@ def apply_first_load(entity_name: str, dsn: str, tweaks: dict | None = None) -> 
 
 
 def reconcile_entity(entity_name: str, run_id: str, store_conn_id: str = "store_api") -> dict:
+    import psycopg
+
     from store_sync.inbound.detect import reconcile_deletes
+    from store_sync.inbound.landing import get_watermark
     from store_sync.registry import entity
     from store_sync.store.hooks import StoreApiHook
 
     dsn = ready_crm()
-    return reconcile_deletes(dsn, StoreApiHook(store_conn_id).get_client(), entity(entity_name), run_id)
+    with psycopg.connect(dsn) as conn:
+        if get_watermark(conn, entity_name)[0] is None:
+            # Its first load has not finished: nothing landed to compare yet, and listing every id beside
+            # the first load's own listing would only take requests from it and from live sync.
+            return {"entity": entity_name, "mode": "reconcile", "status": "skipped",
+                    "reason": "its first load has not finished"}
+    hook = StoreApiHook(store_conn_id)
+    hook.overrides = hook.lane_budget("reconcile")  # its own lane: live cycles never wait behind a listing
+    return reconcile_deletes(dsn, hook.get_client(), entity(entity_name), run_id)
 
 
 def _moment(value):

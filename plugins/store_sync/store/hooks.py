@@ -11,7 +11,8 @@ Connection (``AIRFLOW_CONN_STORE_API``, a secrets backend or the UI; type HTTP):
   ``requests_per_second`` (5), ``max_in_flight`` (3), ``timeout`` (30), ``max_retries`` (6),
   ``verify`` (true, false, or a CA bundle path), ``query_string_auth`` (false), ``api_path``
   (``/wp-json/wc/v3``), ``backfill_requests_per_second`` (2), ``backfill_max_in_flight`` (1),
-  ``fetch_requests_per_second`` (1), ``fetch_max_in_flight`` (1), ``first_load_requests_per_second`` (10),
+  ``fetch_requests_per_second`` (1), ``fetch_max_in_flight`` (1), ``reconcile_requests_per_second`` (2),
+  ``reconcile_max_in_flight`` (1), ``first_load_requests_per_second`` (10),
   ``first_load_max_in_flight`` (4), ``store_requests_per_second`` and
   ``store_max_in_flight`` (all lanes together; by default the largest lane's), and for webhooks
   ``webhook_url`` (the public URL of the Airflow api-server) and ``webhook_secret``.
@@ -39,7 +40,10 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # the extras ``<lane>_requests_per_second`` / ``<lane>_max_in_flight`` (live: without the prefix).
 # A new lane is a line here; ``budget.py`` says how the lanes share the store.
 # first_load: a new shop's whole history, which a user waits for (live sync stays polite meanwhile).
-LANES: dict[str, tuple[float, int]] = {"live": (5, 3), "backfill": (2, 1), "fetch": (1, 1), "first_load": (10, 4)}
+# reconcile: the hourly listing of every id (deletes that leave no trace): a safety net that must not
+# take the live lane's requests (a listing of 5k orders is 55 pages, and live cycles waited behind it).
+LANES: dict[str, tuple[float, int]] = {"live": (5, 3), "backfill": (2, 1), "fetch": (1, 1), "first_load": (10, 4),
+                                       "reconcile": (2, 1)}
 
 
 class StoreApiHook(BaseHook):
