@@ -199,6 +199,29 @@ def test_transform_is_idempotent_and_order_independent(landed):
     run_checks(dsn)
 
 
+def test_sessions_side_by_side_give_the_same_crm(landed):
+    """A step with more than a batch waiting runs transform_sessions (orders: 2) sessions, each on its own
+    partition of the records: the CRM ends the same as one session's, and a live landing's apply (the
+    exclusive lock) waits for them."""
+    from store_sync.crm.live_apply import transform_busy
+    from store_sync.crm.transform import PART_LOCK
+
+    dsn, _, _ = landed
+    reset(dsn)
+    transform(dsn)
+    straight = fingerprint(dsn)
+    reset(dsn)
+    steps_run = {s["step"]: s for s in transform(dsn, batch_rows=400)}
+    assert steps_run["50_orders.sql"].get("sessions") == 2 and steps_run["50_orders.sql"]["batches"] > 2
+    assert "sessions" not in steps_run["30_customers.sql"], "one session where the registry says so"
+    assert fingerprint(dsn) == straight
+    run_checks(dsn)
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        conn.execute(PART_LOCK, (1,))
+        assert transform_busy(dsn, 0.2), "a live apply waits while a partition is applied"
+    assert not transform_busy(dsn, 0.2)
+
+
 def test_missing_references_are_queued_not_fatal(landed):
     dsn, _, _ = landed
     reset(dsn)

@@ -47,6 +47,7 @@ class Entity:
     busy_quiet_seconds: float = 10  # ... and hands over to the trigger after this long without a change
     first_load_wait_seconds: float = 120  # a watch task's first load waits this long for the entities before it
     children_per_cycle: int = 10  # a live cycle reads the children (notes) of at most this many parents
+    transform_sessions: int = 1  # sessions side by side for a step with more than a batch waiting
     mapped: tuple = ()  # field patterns the transform maps ("billing.city", "line_items[].id")
     derived: tuple = ()  # field patterns the store computes on read from data the CRM keeps: not kept again
     volatile: tuple = ()  # top-level fields that change on every read: stored, not part of the version hash

@@ -29,16 +29,17 @@ FROM b, jsonb_to_recordset(b.payload->'line_items') AS r(id text, product_id tex
 ANALYZE o (id, customer_id, status);
 ANALYZE ad (order_id, kind, email_norm, iso2);
 
--- Codes the orders use that the code lists may not have yet (labels follow from the snapshots).
-INSERT INTO crm.currency (code) SELECT DISTINCT currency FROM o ON CONFLICT DO NOTHING;
-INSERT INTO crm.order_status (code, label) SELECT DISTINCT status, status FROM o ON CONFLICT DO NOTHING;
+-- Codes the orders use that the code lists may not have yet (labels follow from the snapshots). In key
+-- order, as every shared row below: sessions side by side (transform_sessions) take them in one order.
+INSERT INTO crm.currency (code) SELECT DISTINCT currency FROM o ORDER BY 1 ON CONFLICT DO NOTHING;
+INSERT INTO crm.order_status (code, label) SELECT DISTINCT status, status FROM o ORDER BY 1 ON CONFLICT DO NOTHING;
 INSERT INTO crm.payment_method (code, title)
 SELECT DISTINCT ON (payment_method) payment_method, crm.html_text(payment_method_title)
 FROM o WHERE COALESCE(payment_method, '') <> '' ON CONFLICT DO NOTHING;
 INSERT INTO crm.country (iso2, name)
-SELECT DISTINCT iso2, iso2 FROM ad WHERE iso2 IS NOT NULL ON CONFLICT DO NOTHING;
+SELECT DISTINCT iso2, iso2 FROM ad WHERE iso2 IS NOT NULL ORDER BY 1 ON CONFLICT DO NOTHING;
 INSERT INTO crm.tax_class (slug, name)
-SELECT DISTINCT tax_class, tax_class FROM li WHERE COALESCE(tax_class, '') <> '' ON CONFLICT DO NOTHING;
+SELECT DISTINCT tax_class, tax_class FROM li WHERE COALESCE(tax_class, '') <> '' ORDER BY 1 ON CONFLICT DO NOTHING;
 
 -- Buyers, registered or guests, once each by normalised email.
 INSERT INTO crm.contact (email_norm, first_name, last_name, customer_id)

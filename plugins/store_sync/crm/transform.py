@@ -46,6 +46,13 @@ SQL = Path(__file__).resolve().parents[3] / "include" / "sql"
 DATA_FAULTS = ("21", "22", "23", "54")
 # One writer at a time per batch: a CLI retry beside the DAG waits instead of deadlocking.
 BATCH_LOCK = "SELECT pg_advisory_xact_lock(hashtext('store_sync.crm.transform'))"
+# A step's sessions side by side (``transform_sessions``) each apply one partition of the records (by
+# source key: a record's versions all go to one session, in order): they share the lock above, which
+# keeps every other writer out, and each holds its partition's own.
+PART_LOCK = ("SELECT pg_advisory_xact_lock_shared(hashtext('store_sync.crm.transform')), "
+             "pg_advisory_xact_lock(hashtext('store_sync.crm.transform.part'), %s)")
+# Not the records' fault, nor lasting: sessions side by side met on a shared row (a contact, a code).
+TRANSIENT = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 # Allocated only as temp tables fill it; settable only before a session's first temp table.
 TEMP_BUFFERS = "SET temp_buffers = '128MB'"
 
@@ -79,10 +86,13 @@ def describe_error(exc: psycopg.Error) -> str:
 
 
 def run_step(conn: psycopg.Connection, sql_file: str, names: list[str], batch_rows: int = 20_000,
-             only_inbox_ids: list[int] | None = None, retry: bool = False) -> dict:
+             only_inbox_ids: list[int] | None = None, retry: bool = False, *, dsn: str | None = None,
+             sessions: int = 1) -> dict:
     """Apply every unapplied row of ``names`` (or just ``only_inbox_ids``), batch by batch.
 
-    ``retry``: re-apply the open quarantine rows of ``names`` (or those of ``only_inbox_ids``) instead."""
+    ``retry``: re-apply the open quarantine rows of ``names`` (or those of ``only_inbox_ids``) instead.
+    ``sessions`` > 1 (with ``dsn``): when more than a batch waits, that many sessions side by side, each
+    on its own partition of the records (the CRM server's cores, not one)."""
     text = (SQL / "transform" / sql_file).read_text()
     stats = {"step": sql_file, "entities": names, "inbox_rows": 0, "batches": 0, "quarantined": 0, "splits": 0}
     started = time.monotonic()
@@ -93,49 +103,94 @@ def run_step(conn: psycopg.Connection, sql_file: str, names: list[str], batch_ro
             [names] + ([only_inbox_ids] if only_inbox_ids is not None else []))]
         for start in range(0, len(ids), batch_rows):  # one pass: a row that fails again stays quarantined
             settle(conn, sql_file, text, ids[start:start + batch_rows], stats)
+    elif sessions > 1 and dsn and only_inbox_ids is None and conn.execute(
+            "SELECT count(*) > %s FROM (SELECT 1 FROM inbox.record WHERE entity = ANY(%s) AND applied_at IS NULL "
+            "LIMIT %s) x", (batch_rows, names, batch_rows + 1)).fetchone()[0]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        parts = [{**stats} for _ in range(sessions)]
+        with ThreadPoolExecutor(sessions, thread_name_prefix="transform") as pool:
+            running = [pool.submit(apply_partition, dsn, sql_file, text, names, batch_rows, (p, sessions), parts[p])
+                       for p in range(sessions)]
+            for done in running:
+                done.result()
+        for part in parts:
+            for name in ("inbox_rows", "batches", "quarantined", "splits"):
+                stats[name] += part[name]
+        stats["sessions"] = sessions
     else:
-        while True:
-            # Quarantined rows wait for a retry; everything else is picked in arrival order.
-            ids = [r[0] for r in conn.execute(
-                "SELECT inbox_id FROM inbox.record r WHERE entity = ANY(%s) AND applied_at IS NULL"
-                + (" AND inbox_id = ANY(%s)" if only_inbox_ids is not None else "")
-                + " AND NOT EXISTS (SELECT 1 FROM sync.transform_quarantine q WHERE q.inbox_id = r.inbox_id"
-                  " AND q.resolved_at IS NULL) ORDER BY inbox_id LIMIT %s",
-                [names] + ([only_inbox_ids] if only_inbox_ids is not None else []) + [batch_rows])]
-            if not ids:
-                break
-            settle(conn, sql_file, text, ids, stats)  # every id ends applied or quarantined: the loop moves on
+        apply_pending(conn, sql_file, text, names, batch_rows, only_inbox_ids, stats)
     stats["seconds"] = round(time.monotonic() - started, 3)
     return stats
 
 
-def settle(conn: psycopg.Connection, sql_file: str, text: str, ids: list[int], stats: dict) -> None:
-    """Apply ``ids`` in one transaction; when their content is rejected, bisect down to the bad rows."""
-    try:
-        with conn.transaction():
-            conn.execute(BATCH_LOCK)
-            conn.execute("CREATE TEMP TABLE batch_scope (inbox_id bigint PRIMARY KEY) ON COMMIT DROP")
-            conn.execute("INSERT INTO batch_scope SELECT unnest(%s::bigint[])", [ids])
-            # What the mapping names, from the registry: sync.keep_unmapped keeps every other field.
-            conn.execute("CREATE TEMP TABLE field_map (entity text, pattern text, what text, "
-                         "PRIMARY KEY (entity, pattern)) ON COMMIT DROP")
-            conn.execute("INSERT INTO field_map SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])",
-                         list(field_map_rows()))
-            conn.execute(text)
-            conn.execute("SELECT sync.finish_batch()")
-    except psycopg.Error as exc:
-        if not is_data_fault(exc):
-            raise
-        if len(ids) == 1:
-            quarantine(conn, sql_file, ids[0], exc)
-            stats["quarantined"] += 1
+def apply_pending(conn: psycopg.Connection, sql_file: str, text: str, names: list[str], batch_rows: int,
+                  only_inbox_ids: list[int] | None, stats: dict, part: tuple[int, int] | None = None) -> None:
+    """Batches of the rows that wait (those of partition ``part`` = (index, count) only, when given)."""
+    while True:
+        # Quarantined rows wait for a retry; everything else is picked in arrival order.
+        ids = [r[0] for r in conn.execute(
+            "SELECT inbox_id FROM inbox.record r WHERE entity = ANY(%s) AND applied_at IS NULL"
+            + (" AND inbox_id = ANY(%s)" if only_inbox_ids is not None else "")
+            + (" AND (hashtext(r.source_key) & 1023) %% %s = %s" if part else "")
+            + " AND NOT EXISTS (SELECT 1 FROM sync.transform_quarantine q WHERE q.inbox_id = r.inbox_id"
+              " AND q.resolved_at IS NULL) ORDER BY inbox_id LIMIT %s",
+            [names] + ([only_inbox_ids] if only_inbox_ids is not None else []) + ([part[1], part[0]] if part else [])
+            + [batch_rows])]
+        if not ids:
+            break
+        # every id ends applied or quarantined: the loop moves on
+        settle(conn, sql_file, text, ids, stats, part[0] if part else None)
+
+
+def apply_partition(dsn: str, sql_file: str, text: str, names: list[str], batch_rows: int, part: tuple[int, int],
+                    stats: dict) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(TEMP_BUFFERS)
+        apply_pending(conn, sql_file, text, names, batch_rows, None, stats, part)
+
+
+def settle(conn: psycopg.Connection, sql_file: str, text: str, ids: list[int], stats: dict,
+           part: int | None = None) -> None:
+    """Apply ``ids`` in one transaction; when their content is rejected, bisect down to the bad rows.
+    ``part``: the partition these rows are of, when sessions run side by side."""
+    for attempt in range(4):
+        try:
+            with conn.transaction():
+                if part is None:
+                    conn.execute(BATCH_LOCK)
+                else:
+                    conn.execute(PART_LOCK, (part,))
+                conn.execute("CREATE TEMP TABLE batch_scope (inbox_id bigint PRIMARY KEY) ON COMMIT DROP")
+                conn.execute("INSERT INTO batch_scope SELECT unnest(%s::bigint[])", [ids])
+                # What the mapping names, from the registry: sync.keep_unmapped keeps every other field.
+                conn.execute("CREATE TEMP TABLE field_map (entity text, pattern text, what text, "
+                             "PRIMARY KEY (entity, pattern)) ON COMMIT DROP")
+                conn.execute("INSERT INTO field_map SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])",
+                             list(field_map_rows()))
+                conn.execute(text)
+                conn.execute("SELECT sync.finish_batch()")
+            break
+        except TRANSIENT as exc:
+            if attempt == 3:
+                raise
+            log.warning("%s: a batch of %d rows met another session (%s); again", sql_file, len(ids),
+                        exc.diag.message_primary)
+            time.sleep(0.2 * (attempt + 1))
+        except psycopg.Error as exc:
+            if not is_data_fault(exc):
+                raise
+            if len(ids) == 1:
+                quarantine(conn, sql_file, ids[0], exc)
+                stats["quarantined"] += 1
+                return
+            log.warning("%s: a batch of %d rows failed (%s); splitting it", sql_file, len(ids),
+                        exc.diag.message_primary)
+            stats["splits"] += 1
+            half = len(ids) // 2
+            settle(conn, sql_file, text, ids[:half], stats, part)
+            settle(conn, sql_file, text, ids[half:], stats, part)
             return
-        log.warning("%s: a batch of %d rows failed (%s); splitting it", sql_file, len(ids), exc.diag.message_primary)
-        stats["splits"] += 1
-        half = len(ids) // 2
-        settle(conn, sql_file, text, ids[:half], stats)
-        settle(conn, sql_file, text, ids[half:], stats)
-        return
     stats["inbox_rows"] += len(ids)
     stats["batches"] += 1
 
@@ -168,7 +223,9 @@ def transform(dsn: str, names: list[str] | None = None, batch_rows: int = 20_000
                 # A batch's documents, held decompressed in pg_temp.b (about 70 MB per 20k orders), are read
                 # by every statement of a step: kept in the session's buffers, not re-read from the OS.
                 conn.execute(TEMP_BUFFERS)
-                out.append(run_step(conn, sql_file, wanted, batch_rows, only_inbox_ids, retry))
+                sessions = max(entities()[n].transform_sessions for n in wanted)
+                out.append(run_step(conn, sql_file, wanted, batch_rows, only_inbox_ids, retry, dsn=dsn,
+                                    sessions=sessions))
         except psycopg.Error as exc:  # not the records' fault: the later steps still run
             log.exception("%s failed; the later steps go on", sql_file)
             failed.append(f"{sql_file}: {type(exc).__name__}: {str(exc).strip()}")
