@@ -217,7 +217,7 @@ def test_sessions_side_by_side_give_the_same_crm(landed):
     assert fingerprint(dsn) == straight
     run_checks(dsn)
     with psycopg.connect(dsn) as conn, conn.transaction():
-        conn.execute(PART_LOCK, (1,))
+        conn.execute(PART_LOCK)
         assert transform_busy(dsn, 0.2), "a live apply waits while a partition is applied"
     assert not transform_busy(dsn, 0.2)
 

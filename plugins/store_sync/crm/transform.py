@@ -46,11 +46,21 @@ SQL = Path(__file__).resolve().parents[3] / "include" / "sql"
 DATA_FAULTS = ("21", "22", "23", "54")
 # One writer at a time per batch: a CLI retry beside the DAG waits instead of deadlocking.
 BATCH_LOCK = "SELECT pg_advisory_xact_lock(hashtext('store_sync.crm.transform'))"
-# A step's sessions side by side (``transform_sessions``) each apply one partition of the records (by
-# source key: a record's versions all go to one session, in order): they share the lock above, which
-# keeps every other writer out, and each holds its partition's own.
-PART_LOCK = ("SELECT pg_advisory_xact_lock_shared(hashtext('store_sync.crm.transform')), "
-             "pg_advisory_xact_lock(hashtext('store_sync.crm.transform.part'), %s)")
+# A step's sessions side by side (``transform_sessions``) share the lock above, which keeps every other
+# writer out; one such step at a time (SIDE_BY_SIDE, held by the session that hands out the rows).
+PART_LOCK = "SELECT pg_advisory_xact_lock_shared(hashtext('store_sync.crm.transform'))"
+SIDE_BY_SIDE = "hashtext('store_sync.crm.transform.sessions')"
+# The rows of one round, each with its session: by the record's buyer where the entity has one
+# (sync.partition_key, as its newest version says), so the rows two sessions share (a contact, a queued
+# customer) are rarely written by both at once; a record's versions always go to the same session.
+PARTITIONS = """
+SELECT inbox_id, (hashtext(first_value(sync.partition_key(entity, source_key, payload))
+                           OVER (PARTITION BY entity, source_key ORDER BY inbox_id DESC)) & 1023) %% %s
+FROM (SELECT r.inbox_id, r.entity, r.source_key, r.payload FROM inbox.record r
+      WHERE r.entity = ANY(%s) AND r.applied_at IS NULL
+        AND NOT EXISTS (SELECT 1 FROM sync.transform_quarantine q WHERE q.inbox_id = r.inbox_id AND q.resolved_at IS NULL)
+      ORDER BY r.inbox_id LIMIT %s) x
+ORDER BY inbox_id"""
 # Not the records' fault, nor lasting: sessions side by side met on a shared row (a contact, a code).
 TRANSIENT = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 # Allocated only as temp tables fill it; settable only before a session's first temp table.
@@ -103,64 +113,75 @@ def run_step(conn: psycopg.Connection, sql_file: str, names: list[str], batch_ro
             [names] + ([only_inbox_ids] if only_inbox_ids is not None else []))]
         for start in range(0, len(ids), batch_rows):  # one pass: a row that fails again stays quarantined
             settle(conn, sql_file, text, ids[start:start + batch_rows], stats)
-    elif sessions > 1 and dsn and only_inbox_ids is None and conn.execute(
-            "SELECT count(*) > %s FROM (SELECT 1 FROM inbox.record WHERE entity = ANY(%s) AND applied_at IS NULL "
-            "LIMIT %s) x", (batch_rows, names, batch_rows + 1)).fetchone()[0]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        parts = [{**stats} for _ in range(sessions)]
-        with ThreadPoolExecutor(sessions, thread_name_prefix="transform") as pool:
-            running = [pool.submit(apply_partition, dsn, sql_file, text, names, batch_rows, (p, sessions), parts[p])
-                       for p in range(sessions)]
-            for done in running:
-                done.result()
-        for part in parts:
-            for name in ("inbox_rows", "batches", "quarantined", "splits"):
-                stats[name] += part[name]
-        stats["sessions"] = sessions
     else:
-        apply_pending(conn, sql_file, text, names, batch_rows, only_inbox_ids, stats)
+        # More than a batch waiting (a first load, a backfill): rounds side by side while it lasts.
+        while sessions > 1 and dsn and only_inbox_ids is None and conn.execute(
+                "SELECT count(*) > %s FROM (SELECT 1 FROM inbox.record r WHERE entity = ANY(%s) AND applied_at IS NULL "
+                "AND NOT EXISTS (SELECT 1 FROM sync.transform_quarantine q WHERE q.inbox_id = r.inbox_id "
+                "AND q.resolved_at IS NULL) LIMIT %s) x", (batch_rows, names, batch_rows + 1)).fetchone()[0]:
+            if not side_by_side(conn, dsn, sql_file, text, names, batch_rows, sessions, stats):
+                break
+            stats["sessions"] = sessions
+        apply_pending(conn, sql_file, text, names, batch_rows, only_inbox_ids, stats)  # the rest, one session
     stats["seconds"] = round(time.monotonic() - started, 3)
     return stats
 
 
 def apply_pending(conn: psycopg.Connection, sql_file: str, text: str, names: list[str], batch_rows: int,
-                  only_inbox_ids: list[int] | None, stats: dict, part: tuple[int, int] | None = None) -> None:
-    """Batches of the rows that wait (those of partition ``part`` = (index, count) only, when given)."""
+                  only_inbox_ids: list[int] | None, stats: dict) -> None:
     while True:
         # Quarantined rows wait for a retry; everything else is picked in arrival order.
         ids = [r[0] for r in conn.execute(
             "SELECT inbox_id FROM inbox.record r WHERE entity = ANY(%s) AND applied_at IS NULL"
             + (" AND inbox_id = ANY(%s)" if only_inbox_ids is not None else "")
-            + (" AND (hashtext(r.source_key) & 1023) %% %s = %s" if part else "")
             + " AND NOT EXISTS (SELECT 1 FROM sync.transform_quarantine q WHERE q.inbox_id = r.inbox_id"
               " AND q.resolved_at IS NULL) ORDER BY inbox_id LIMIT %s",
-            [names] + ([only_inbox_ids] if only_inbox_ids is not None else []) + ([part[1], part[0]] if part else [])
-            + [batch_rows])]
+            [names] + ([only_inbox_ids] if only_inbox_ids is not None else []) + [batch_rows])]
         if not ids:
             break
-        # every id ends applied or quarantined: the loop moves on
-        settle(conn, sql_file, text, ids, stats, part[0] if part else None)
+        settle(conn, sql_file, text, ids, stats)  # every id ends applied or quarantined: the loop moves on
 
 
-def apply_partition(dsn: str, sql_file: str, text: str, names: list[str], batch_rows: int, part: tuple[int, int],
-                    stats: dict) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(TEMP_BUFFERS)
-        apply_pending(conn, sql_file, text, names, batch_rows, None, stats, part)
+def side_by_side(conn: psycopg.Connection, dsn: str, sql_file: str, text: str, names: list[str], batch_rows: int,
+                 sessions: int, stats: dict, rounds_of: int = 5) -> int:
+    """One round: the next ``sessions * batch_rows * rounds_of`` waiting rows (bounded memory), split by
+    sync.partition_key, each part applied batch by batch by a session of its own, all side by side.
+    Returns how many rows it handed out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    conn.execute(f"SELECT pg_advisory_lock({SIDE_BY_SIDE})")
+    try:
+        parts: list[list[int]] = [[] for _ in range(sessions)]
+        for inbox_id, part in conn.execute(PARTITIONS, (sessions, names, sessions * batch_rows * rounds_of)):
+            parts[part].append(inbox_id)
+        counts = [{"inbox_rows": 0, "batches": 0, "quarantined": 0, "splits": 0} for _ in parts]
+
+        def apply(index: int) -> None:
+            with psycopg.connect(dsn, autocommit=True) as own:
+                own.execute(TEMP_BUFFERS)
+                ids = parts[index]
+                for start in range(0, len(ids), batch_rows):
+                    settle(own, sql_file, text, ids[start:start + batch_rows], counts[index], shared=True)
+
+        with ThreadPoolExecutor(sessions, thread_name_prefix="transform") as pool:
+            for done in [pool.submit(apply, i) for i in range(sessions)]:
+                done.result()
+    finally:
+        conn.execute(f"SELECT pg_advisory_unlock({SIDE_BY_SIDE})")
+    for part in counts:
+        for name, value in part.items():
+            stats[name] += value
+    return sum(map(len, parts))
 
 
 def settle(conn: psycopg.Connection, sql_file: str, text: str, ids: list[int], stats: dict,
-           part: int | None = None) -> None:
+           shared: bool = False) -> None:
     """Apply ``ids`` in one transaction; when their content is rejected, bisect down to the bad rows.
-    ``part``: the partition these rows are of, when sessions run side by side."""
+    ``shared``: sessions side by side apply the step (each its own records), under the shared lock."""
     for attempt in range(4):
         try:
             with conn.transaction():
-                if part is None:
-                    conn.execute(BATCH_LOCK)
-                else:
-                    conn.execute(PART_LOCK, (part,))
+                conn.execute(PART_LOCK if shared else BATCH_LOCK)
                 conn.execute("CREATE TEMP TABLE batch_scope (inbox_id bigint PRIMARY KEY) ON COMMIT DROP")
                 conn.execute("INSERT INTO batch_scope SELECT unnest(%s::bigint[])", [ids])
                 # What the mapping names, from the registry: sync.keep_unmapped keeps every other field.
@@ -188,8 +209,8 @@ def settle(conn: psycopg.Connection, sql_file: str, text: str, ids: list[int], s
                         exc.diag.message_primary)
             stats["splits"] += 1
             half = len(ids) // 2
-            settle(conn, sql_file, text, ids[:half], stats, part)
-            settle(conn, sql_file, text, ids[half:], stats, part)
+            settle(conn, sql_file, text, ids[:half], stats, shared)
+            settle(conn, sql_file, text, ids[half:], stats, shared)
             return
     stats["inbox_rows"] += len(ids)
     stats["batches"] += 1
