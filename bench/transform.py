@@ -120,6 +120,8 @@ def run_variant(pg: EmbeddedPostgres, label: str, root: Path, main_rows: Path, s
         with psycopg.connect(dsn) as conn:
             conn.execute("DROP TABLE raw_copy")
         inbox = copy_file(dsn, "inbox.record", main_rows)
+        with psycopg.connect(dsn) as conn:  # the documents' room on disk (heap, TOAST and indexes)
+            inbox_mb = conn.execute("SELECT pg_total_relation_size('inbox.record') / 1e6").fetchone()[0]
         big = child(root, "transform", dsn, str(batch_rows))
         small = []
         for rows in small_rows:  # live batches on the full CRM, as the landing task applies them
@@ -133,7 +135,7 @@ def run_variant(pg: EmbeddedPostgres, label: str, root: Path, main_rows: Path, s
             written = sum(conn.execute(f"SELECT count(*) FROM crm.{t}").fetchone()[0] for t in WRITTEN)
             extras = conn.execute("SELECT count(*) FROM crm.sales_order_extra").fetchone()[0]
             work_mem = conn.execute("SHOW work_mem").fetchone()[0]
-        return {"label": label, "raw": raw, "inbox": inbox, "n": n, "written": written, "extras": extras,
+        return {"label": label, "raw": raw, "inbox": inbox, "inbox_mb": inbox_mb, "n": n, "written": written, "extras": extras,
                 "work_mem": work_mem, "small": small, **big}
     finally:
         with psycopg.connect(pg.admin_dsn(), autocommit=True) as conn:
@@ -147,7 +149,7 @@ def report(runs: list[dict]) -> None:
         print(f"[{r['label']}]")
         print(f"  {'raw COPY into a bare table':<38} {n / r['raw']:>10.0f} {r['raw']:>8.1f} {1:>10.2f}x")
         print(f"  {'COPY into the inbox (indexed)':<38} {n / r['inbox']:>10.0f} {r['inbox']:>8.1f} "
-              f"{r['raw'] / r['inbox']:>10.2f}x")
+              f"{r['raw'] / r['inbox']:>10.2f}x   (inbox.record {r['inbox_mb']:.0f} MB)")
         print(f"  {'orders transform (inbox rows)':<38} {n / r['seconds']:>10.0f} {r['seconds']:>8.1f} "
               f"{r['raw'] / r['seconds']:>10.2f}x   ({r['written']} CRM rows written, {r['written'] / r['seconds']:.0f}/s; "
               f"{r['extras']} unmapped fields kept; {r['batches']} batches)")

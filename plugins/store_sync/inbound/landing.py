@@ -78,7 +78,9 @@ def land_page(conn: psycopg.Connection, entity: Entity, records: Iterable[dict],
     if good:
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS landing_page (entity text, source_key text, "
                      "source_modified_at timestamptz, is_delete boolean, payload jsonb, payload_hash text, "
-                     "run_id text, inbox_id bigint DEFAULT nextval('inbox.record_inbox_id_seq')) ON COMMIT DELETE ROWS")
+                     "run_id text, inbox_id bigint DEFAULT nextval('inbox.record_inbox_id_seq')) "
+                     # (uncompressed up to a page, as inbox.record keeps them: 0055)
+                     "WITH (toast_tuple_target = 8160) ON COMMIT DELETE ROWS")
         conn.execute("TRUNCATE landing_page")
         with conn.cursor().copy("COPY landing_page (entity, source_key, source_modified_at, is_delete, payload, "
                                 "payload_hash, run_id) FROM STDIN") as copy:
