@@ -413,6 +413,18 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
         return body
 
     # -- index and lookups ---------------------------------------------------------------------
+    @app.get("/wp-json")
+    @app.get("/wp-json/")
+    def wp_index(request: Request):
+        # WordPress's own index (WP_REST_Server::get_index, wp-includes/rest-api/class-wp-rest-server.php):
+        # public, with the site's timezone_string and gmt_offset among its fields.
+        offset = store.tz.utcoffset(datetime.now())
+        return {"name": "Sandbox store", "description": "", "url": f"{request.url.scheme}://{request.url.netloc}",
+                "home": f"{request.url.scheme}://{request.url.netloc}",
+                "gmt_offset": offset.total_seconds() / 3600 if offset is not None else 0,
+                "timezone_string": store.option("timezone_string", ""), "namespaces": ["wp/v2", "wc/v3"],
+                "routes": {}}
+
     @app.get(NS)
     @app.get(NS + "/")
     def index(request: Request):

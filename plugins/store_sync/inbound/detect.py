@@ -372,6 +372,20 @@ def keyset_pages(client: StoreClient, entity: Entity, status: str | None, lo: da
             continue  # every record on the page left the window: the same query now returns the rest
         top = max(seconds)
         next_lo = top - SECOND
+        floor = fold_floor(client, entity, page.records)
+        if floor is not None and floor <= next_lo:
+            # The page ends in the hour a clock goes back: the store sorts on local time, which that hour
+            # shows twice, so a record not read yet may be up to an hour earlier in GMT than the page's
+            # newest. Read (floor, top] by id (complete whatever the sort), then go on after top.
+            log.info("%s: a page ends in a clock's fall-back hour (%s local); reading %sZ to %sZ by id",
+                     entity.name, floor, fmt(floor), fmt(top))
+            yield page.records, lo, False
+            known = {key_of(r, entity) for r in page.records} - {None}
+            after = max(floor - SECOND, lo) if lo is not None else floor - SECOND
+            for records in drain_second(client, entity, base, top, t0, known, after=after):
+                yield records, lo, False
+            lo = top
+            continue
         if lo is not None and next_lo <= lo:
             # The whole page is one second: read that second completely, then move past it.
             yield page.records, lo, False
@@ -402,9 +416,36 @@ def first_page(client: StoreClient, entity: Entity, params: dict, tries: int = 3
                             "X-WP-Total; the window stays open and is read again next cycle")
 
 
+def fold_floor(client: StoreClient, entity: Entity, records: list[dict]) -> datetime | None:
+    """When the newest local time of a page sorted by ``orderby=modified`` (WordPress sorts on the local
+    ``post_modified``: WP_Query::parse_orderby in wp-includes/class-wp-query.php) is one the site's clock
+    shows twice, the GMT of its first showing: the earliest a record after the page can have. None
+    otherwise, and for entities whose records carry no local time.
+
+    The site's timezone comes from WordPress's REST index; without it, a page whose records hold two UTC
+    offsets (local minus GMT) is taken for a fold, floored by the larger offset."""
+    local_field = entity.cursor.removesuffix("_gmt") if entity.cursor else None
+    pairs = []
+    for r in records:
+        try:
+            pairs.append((datetime.fromisoformat(r[local_field]), datetime.fromisoformat(r[entity.cursor])))
+        except (KeyError, TypeError, ValueError):
+            continue
+    if not pairs or local_field == entity.cursor:
+        return None
+    last = max(local for local, _ in pairs).replace(tzinfo=None)
+    zone = client.site_timezone()
+    if zone is None:
+        offsets = {local.replace(tzinfo=None) - gmt.replace(tzinfo=None) for local, gmt in pairs}
+        return (last - max(offsets)).replace(tzinfo=UTC) if len(offsets) > 1 else None
+    first, second = (last.replace(tzinfo=zone, fold=f).astimezone(UTC) for f in (0, 1))
+    return first if first != second else None
+
+
 def drain_second(client: StoreClient, entity: Entity, base: dict, second: datetime, t0: datetime,
-                 known: set[str], max_backoffs: int = 200) -> Iterator[list[dict]]:
-    """Every record modified in one second, when more share it than fit on a page (a bulk edit, an import).
+                 known: set[str], max_backoffs: int = 200, after: datetime | None = None) -> Iterator[list[dict]]:
+    """Every record modified in one second, when more share it than fit on a page (a bulk edit, an import);
+    with ``after``, every record modified after it up to that second (a clock's fall-back hour).
 
     The store sorts `modified` ties in no stable order (WordPress WP_Query::parse_orderby adds no id
     tie-break; only `orderby=date` gets one, in WC_REST_CRUD_Controller::prepare_objects_query), so
@@ -414,7 +455,7 @@ def drain_second(client: StoreClient, entity: Entity, base: dict, second: dateti
     and shifts the ids behind it down; records cannot enter a past second. So positions only fall:
     a read that still overlaps leaves no gap, and one that does not is repeated from lower down.
     Yields the records not yet seen (``known``: already read from the page that led here)."""
-    params = {**base, "orderby": "id", "order": "asc", "modified_after": fmt(second - SECOND),
+    params = {**base, "orderby": "id", "order": "asc", "modified_after": fmt(second - SECOND if after is None else after),
               "modified_before": fmt(min(second + SECOND, t0))}
     size = entity.per_page
     step = size - max(1, size // 4)

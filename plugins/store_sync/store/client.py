@@ -221,8 +221,9 @@ class StoreClient:
 
     # -- one request ------------------------------------------------------------------------
     def request(self, method: str, endpoint: str, params: dict | None = None, json_body: Any = None,
-                max_retries: int | None = None) -> tuple[Any, requests.structures.CaseInsensitiveDict]:
-        url = f"{self.api_url}/{endpoint.lstrip('/')}"
+                max_retries: int | None = None, url: str | None = None
+                ) -> tuple[Any, requests.structures.CaseInsensitiveDict]:
+        url = url or f"{self.api_url}/{endpoint.lstrip('/')}"
         params = {k: v for k, v in (params or {}).items() if v is not None}
         retries = self.max_retries if max_retries is None else max_retries
         attempt = 0
@@ -313,6 +314,26 @@ class StoreClient:
     # -- conveniences -----------------------------------------------------------------------
     def get(self, endpoint: str, params: dict | None = None) -> Any:
         return self.request("GET", endpoint, params)[0]
+
+    def site_timezone(self):
+        """The shop's timezone as WordPress's REST index gives it (``timezone_string``), once per client;
+        None for a fixed UTC offset (no daylight saving) or when the index cannot be read.
+
+        ``orderby=modified`` sorts on the local ``post_modified`` (WP_Query::parse_orderby), while the
+        GMT filters compare ``post_modified_gmt``: in the hour a clock goes back, the two orders differ
+        (``keyset_pages`` needs to know when)."""
+        if not hasattr(self, "_site_tz"):
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            self._site_tz = None
+            root = self.api_url.rsplit("/wc/", 1)[0] + "/" if "/wc/" in self.api_url else None
+            try:
+                name = (self.request("GET", "", max_retries=1, url=root)[0] or {}).get("timezone_string") if root else None
+                self._site_tz = ZoneInfo(name) if name else None
+            except (StoreApiError, ZoneInfoNotFoundError, ValueError, AttributeError) as exc:
+                log.warning("the store's timezone is unknown (%s): pages in a clock's fall-back hour are "
+                            "checked by their own records only", exc)
+        return self._site_tz
 
     def put(self, endpoint: str, body: dict) -> Any:
         return self.request("PUT", endpoint, json_body=body)[0]
