@@ -198,3 +198,30 @@ def test_the_delete_reconciliation_waits_for_the_first_load(crm, wired, sandbox_
     with psycopg.connect(crm) as conn:
         lanes = {r[0] for r in conn.execute("SELECT lane FROM sync.store_budget")}
     assert "reconcile" in lanes, "its requests spent the reconcile lane"
+
+
+def test_documents_up_to_a_page_are_kept_uncompressed(crm, sandbox_factory):
+    """An order (~3 kB) is stored inline without pglz (0055): no compression on landing, none to undo in
+    every transform batch; only documents past a page are still compressed."""
+    sandbox = sandbox_factory(size="tiny", seed=10)
+    sync_entity(crm, sandbox.client(), entity("orders"), "first")
+    with psycopg.connect(crm) as conn:
+        small, compressed = conn.execute(
+            "SELECT count(*) FILTER (WHERE pg_column_size(payload) BETWEEN 2100 AND 7000), "
+            "count(*) FILTER (WHERE pg_column_size(payload) <= 7000 AND pg_column_compression(payload) IS NOT NULL) "
+            "FROM inbox.record WHERE entity = 'orders'").fetchone()
+    assert small > 0 and compressed == 0, "documents past 2 kB (where pglz began) stay uncompressed"
+
+
+def test_the_daily_comparison_leaves_entities_still_in_their_first_load(crm, wired, sandbox_factory):
+    """crm_reconcile, run at once after an install, would list every record not landed yet as missing:
+    it compares only the entities whose first load has finished, on the reconcile lane."""
+    from store_sync.tasks import compare_crm
+
+    sandbox = sandbox_factory(size="tiny", seed=13)
+    wired(sandbox)
+    reports, waiting = compare_crm()
+    assert reports == [] and "orders" in waiting and "customers" in waiting
+    sync_entity(crm, sandbox.client(), entity("orders"), "first")
+    reports, waiting = compare_crm()
+    assert [r.entity for r in reports] == ["orders"] and "orders" not in waiting and "customers" in waiting

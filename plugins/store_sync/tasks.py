@@ -182,6 +182,30 @@ def reconcile_entity(entity_name: str, run_id: str, store_conn_id: str = "store_
     return reconcile_deletes(dsn, hook.get_client(), entity(entity_name), run_id)
 
 
+def compare_crm(store_conn_id: str = "store_api") -> tuple[list, list[str]]:
+    """The CRM compared with the store (``crm.reconcile``), on the reconcile lane of the store's budget, for
+    the entities whose first load has finished: (the reports, the entities left for a later run). Run at
+    once after an install, it would list every record a first load has not landed yet as missing, and
+    take the requests live sync needs."""
+    import psycopg
+
+    from store_sync.crm.reconcile import reconcile
+    from store_sync.inbound.landing import get_watermark
+    from store_sync.registry import entities
+    from store_sync.store.hooks import StoreApiHook
+
+    dsn = ready_crm()
+    compared = [n for n, e in entities().items() if e.reconcile]
+    with psycopg.connect(dsn) as conn:
+        waiting = [n for n in compared if get_watermark(conn, n)[0] is None]
+    names = [n for n in compared if n not in waiting]
+    if not names:
+        return [], waiting
+    hook = StoreApiHook(store_conn_id)
+    hook.overrides = hook.lane_budget("reconcile")
+    return reconcile(dsn, hook.get_client(), names), waiting
+
+
 def _moment(value):
     from datetime import UTC, datetime
 
