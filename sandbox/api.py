@@ -419,11 +419,13 @@ def create_app(store: Store, faults: Faults | None = None, stable_sort: bool = F
         # WordPress's own index (WP_REST_Server::get_index, wp-includes/rest-api/class-wp-rest-server.php):
         # public, with the site's timezone_string and gmt_offset among its fields.
         offset = store.tz.utcoffset(datetime.now())
-        return {"name": "Sandbox store", "description": "", "url": f"{request.url.scheme}://{request.url.netloc}",
+        body = {"name": "Sandbox store", "description": "", "url": f"{request.url.scheme}://{request.url.netloc}",
                 "home": f"{request.url.scheme}://{request.url.netloc}",
                 "gmt_offset": offset.total_seconds() / 3600 if offset is not None else 0,
                 "timezone_string": store.option("timezone_string", ""), "namespaces": ["wp/v2", "wc/v3"],
                 "routes": {}}
+        fields = [f for f in request.query_params.get("_fields", "").split(",") if f]  # rest_filter_response_fields
+        return {k: v for k, v in body.items() if k in fields} if fields else body
 
     @app.get(NS)
     @app.get(NS + "/")
