@@ -231,7 +231,7 @@ def read_due_children(conn: psycopg.Connection, client: StoreClient, entity: Ent
         "SELECT r.payload FROM inbox.latest l JOIN inbox.record r ON r.inbox_id = l.inbox_id "
         "WHERE l.entity = %s AND NOT l.is_delete AND l.source_key = ANY(%s)", (entity.name, backlog)).fetchall()
     # A parent gone from the inbox since (deleted) has no children left to read.
-    children = fetch_children(client, entity, [r[0] for r in rows], live_cycle=True, conn=conn)
+    children = fetch_children(client, entity, [r[0] for r in rows], live_cycle=True, conn=conn, skip_gone=True)
     with conn.transaction():
         land_children(conn, run, children)
         due = due - set(backlog)
@@ -280,13 +280,14 @@ def prefetched(pages: Iterator, depth: int = 1) -> Iterator:
 
 
 def fetch_children(client: StoreClient, entity: Entity, page: list[dict], live_cycle: bool,
-                   conn: psycopg.Connection) -> list[tuple]:
+                   conn: psycopg.Connection, skip_gone: bool = False) -> list[tuple]:
     """Records that live under the page's records (variations, order notes): (entity, key prefix, records, gone).
 
     ``gone`` holds the children landed before that the parent's list no longer shows and that the store,
     asked one by one, says are deleted (a deleted note or variation leaves no other trace).
     ``live_only`` children (one request per parent) are read in live cycles after the first load only:
-    a first load or a backfill of every order's notes would cost the store one request per order."""
+    a first load or a backfill of every order's notes would cost the store one request per order.
+    A parent the store answers 404 for raises ``StoreNotFound``; with ``skip_gone`` it is left out."""
     from store_sync.registry import entity as registry_entity
 
     reads = []  # (child entity, parent, endpoint, paged, what the CRM has of that parent's children)
@@ -304,7 +305,10 @@ def fetch_children(client: StoreClient, entity: Entity, page: list[dict], live_c
         child, parent, endpoint, paged, _ = read
         try:
             return list(client.iter_records(endpoint, {}, entity.per_page)) if paged else client.get(endpoint)
-        except StoreNotFound:  # the parent is gone since it was listed: its delete is landed on its own
+        except StoreNotFound:
+            if not skip_gone:  # (fetch on demand closes its request on this 404)
+                raise
+            # a parent due from an earlier cycle, gone since: its delete is landed on its own
             log.warning("%s %s: gone from the store before its %s were read", entity.name, parent[entity.key],
                         child.name)
             return None
