@@ -290,7 +290,7 @@ def fetch_children(client: StoreClient, entity: Entity, page: list[dict], live_c
     A parent the store answers 404 for raises ``StoreNotFound``; with ``skip_gone`` it is left out."""
     from store_sync.registry import entity as registry_entity
 
-    reads = []  # (child entity, parent, endpoint, paged, what the CRM has of that parent's children)
+    out = []
     for spec in entity.children:
         if spec.get("live_only") and not live_cycle:
             continue
@@ -298,40 +298,31 @@ def fetch_children(client: StoreClient, entity: Entity, page: list[dict], live_c
         parents = [p for p in page if key_of(p, entity) is not None and p.get("status") != "trash"
                    and not any(p.get(k) != v for k, v in (spec.get("when") or {}).items())]
         landed = landed_children(conn, child, entity, [str(p[entity.key]) for p in parents])
-        reads += [(child, parent, spec["endpoint"].format(id=parent[entity.key]), spec.get("paged"),
-                   landed.get(str(parent[entity.key]), set())) for parent in parents]
-
-    def listing(read: tuple):
-        child, parent, endpoint, paged, _ = read
-        try:
-            return list(client.iter_records(endpoint, {}, entity.per_page)) if paged else client.get(endpoint)
-        except StoreNotFound:
-            if not skip_gone:  # (fetch on demand closes its request on this 404)
-                raise
-            # a parent due from an earlier cycle, gone since: its delete is landed on its own
-            log.warning("%s %s: gone from the store before its %s were read", entity.name, parent[entity.key],
-                        child.name)
-            return None
-
-    # One request after another: a cycle reads few (children_per_cycle), and side by side they took the
-    # in-flight slots the other entities' cycles and polls share (measured slower in bench/freshness.py).
-    out = []
-    for read in reads:
-        child, parent, endpoint, _, before = read
-        records = listing(read)
-        if records is None:
-            continue
-        prefix = "" if child.name == entity.name else f"{parent[entity.key]}:"
-        listed = {str(r.get(child.key)) for r in records if isinstance(r, dict)}
-        gone: set = set()
-        if before - listed:
+        for parent in parents:
+            endpoint = spec["endpoint"].format(id=parent[entity.key])
             try:
-                refuse_short_listing(f"{child.name} of {entity.name} {parent[entity.key]}", len(listed), len(before))
-                found, gone = confirm_deletes(client, child, before - listed, lambda key, e=endpoint: f"{e}/{key}")
-                records = list(records) + found
-            except ListingRefused as exc:
-                log.error("%s", exc)
-        out.append((child, prefix, records, gone))
+                records = (list(client.iter_records(endpoint, {}, entity.per_page)) if spec.get("paged")
+                           else client.get(endpoint))
+            except StoreNotFound:
+                if not skip_gone:  # (fetch on demand closes its request on this 404)
+                    raise
+                # a parent due from an earlier cycle, gone since: its delete is landed on its own
+                log.warning("%s %s: gone from the store before its %s were read", entity.name, parent[entity.key],
+                            child.name)
+                continue
+            prefix = "" if child.name == entity.name else f"{parent[entity.key]}:"
+            before = landed.get(str(parent[entity.key]), set())
+            listed = {str(r.get(child.key)) for r in records if isinstance(r, dict)}
+            gone: set = set()
+            if before - listed:
+                try:
+                    refuse_short_listing(f"{child.name} of {entity.name} {parent[entity.key]}", len(listed), len(before))
+                    found, gone = confirm_deletes(client, child, before - listed,
+                                                  lambda key, e=endpoint: f"{e}/{key}")
+                    records = list(records) + found
+                except ListingRefused as exc:
+                    log.error("%s", exc)
+            out.append((child, prefix, records, gone))
     return out
 
 
